@@ -1,0 +1,195 @@
+"""The agent's YAML configuration: one schema, validated at load; unknown keys are errors.
+
+``load_config(path)`` returns a :class:`Config` or raises :class:`ConfigError` whose message names
+the file, the key path and what is wrong, e.g.
+``/etc/telematics-agent/agent.yaml: mqtt.prot: unknown key (known keys: host, port, ...)``.
+
+The schema is a tree of msgspec Structs (msgspec does the type checking, range constraints and
+unknown-key rejection; this module only turns its errors into messages for installers).
+Defaults are documented in ``firmware_config/agent.example.yaml``; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import yaml
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+TopicPrefix = Annotated[str, msgspec.Meta(pattern=r"^[^#+\s]+$")]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config section: unknown keys are rejected."""
+
+
+class DeviceConfig(_Section):
+    """Who this box is and where it keeps its state."""
+
+    id: DeviceId
+    data_dir: str = "/var/lib/telematics-agent"
+
+
+class GpsConfig(_Section):
+    """The GPS receiver on a serial port (pyserial)."""
+
+    enabled: bool = True
+    source: Literal["serial"] = "serial"
+    port: str = "/dev/gps0"
+    baud: PositiveInt = 9600
+    # Accept sentences without a checksum (for receivers that never send one).
+    allow_missing_checksum: bool = False
+    # An epoch is emitted when the next one starts, or after this long with no new sentence.
+    epoch_timeout_s: PositiveFloat = 0.25
+    # How long to wait before reopening a port that failed or disappeared.
+    reopen_interval_s: PositiveFloat = 2.0
+
+
+class TlsConfig(_Section):
+    """TLS for the broker link: server verification by ``ca_file``; client certificate optional."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class MqttConfig(_Section):
+    """The MQTT link (paho-mqtt 2.x) and the batching of telemetry."""
+
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    topic_prefix: TopicPrefix = "telematics"
+    client_id: str | None = None  # default: the device id
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = 60
+    username: str | None = None
+    password: str | None = None
+    tls: TlsConfig | None = None
+    batch_max_records: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 60
+    # A batch is sent when it is full or when its oldest record has waited this long.
+    batch_max_wait_s: PositiveFloat = 1.0
+    # Batches published but not yet PUBACKed by the broker.
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
+    # A batch the collector has not confirmed within this time is sent again.
+    ack_timeout_s: PositiveFloat = 30.0
+    # Reconnect backoff: capped exponential with jitter.
+    reconnect_min_s: PositiveFloat = 1.0
+    reconnect_max_s: PositiveFloat = 60.0
+
+
+class BufferConfig(_Section):
+    """The durable store-and-forward buffer (SQLite, WAL)."""
+
+    # Every accepted record is on disk (fsynced) within this window.
+    commit_window_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    max_bytes: Annotated[int, msgspec.Meta(ge=1_000_000)] = 256 * 1024 * 1024
+
+
+class LoggingConfig(_Section):
+    """Log level of the agent (journald reads stderr)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Config(_Section):
+    """The whole agent configuration."""
+
+    device: DeviceConfig
+    gps: GpsConfig = msgspec.field(default_factory=GpsConfig)
+    mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
+    buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message names file, key path and problem."""
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the YAML file at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Validate YAML ``text``; ``source`` names it in error messages."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return msgspec.convert(raw, Config, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(str(exc), raw)}") from exc
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]+)`")
+_MISSING = re.compile(r"Object missing required field `(?P<key>[^`]+)`")
+
+
+def _explain(message: str, raw: dict) -> str:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.mqtt.port`" into "mqtt.port: expected int, got str"."""
+    match = _AT.match(message)
+    msg, path = match.group("msg"), (match.group("path") or "")
+    path = path.lstrip(".").replace("[", ".").replace("]", "")
+    unknown = _UNKNOWN.match(msg)
+    if unknown:
+        key = unknown.group("key")
+        full = f"{path}.{key}" if path else key
+        known = ", ".join(sorted(_section_fields(path)))
+        return f"{full}: unknown key (a typo? known keys here: {known})"
+    missing = _MISSING.match(msg)
+    if missing:
+        key = missing.group("key")
+        full = f"{path}.{key}" if path else key
+        return f"{full}: required key is missing"
+    text = msg.replace("`", "")
+    text = text[0].lower() + text[1:] if text else text
+    return f"{path or '(top level)'}: {text}"
+
+
+def _section_fields(path: str) -> list[str]:
+    """The keys a section accepts, for 'known keys' hints."""
+    struct: type = Config
+    for part in filter(None, path.split(".")):
+        hints = msgspec.structs.fields(struct)
+        field = next((f for f in hints if f.name == part), None)
+        if field is None:
+            return []
+        candidates = [t for t in _struct_types(field.type)]
+        if not candidates:
+            return []
+        struct = candidates[0]
+    return [f.name for f in msgspec.structs.fields(struct)]
+
+
+def _struct_types(tp: object) -> list[type]:
+    """Struct classes inside a (possibly Optional / Annotated) type."""
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return [tp]
+    out: list[type] = []
+    for arg in getattr(tp, "__args__", ()) or ():
+        out.extend(_struct_types(arg))
+    return out
+
+
+def to_yaml(config: Config) -> str:
+    """The config with every default filled in, as YAML (for ``check-config --print``)."""
+    return yaml.safe_dump(msgspec.to_builtins(config), sort_keys=False)

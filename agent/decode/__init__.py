@@ -1,0 +1,1 @@
+"""Pure decoders: bytes in, values out; no threads, sockets, clocks or logging of records."""

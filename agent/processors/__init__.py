@@ -1,0 +1,1 @@
+"""Processors: single-threaded steps between sources and the buffer (thinning, geofences, events)."""

@@ -1,0 +1,1 @@
+"""Sources: threads that open a device in run() and emit Records (GPS serial, CAN, ignition)."""

@@ -1,0 +1,1 @@
+"""Wire formats of telemetry batches, shared by the agent (encode) and the collector (decode)."""

@@ -1,0 +1,1 @@
+"""Broker-side collector: decodes, de-duplicates, stores and acknowledges telemetry."""

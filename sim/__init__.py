@@ -1,0 +1,1 @@
+"""Bench tools: replay recorded drives into a pty, generate routes, run the demo."""

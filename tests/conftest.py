@@ -1,0 +1,142 @@
+"""Fixtures every test module reuses: a real Mosquitto on a free port, a pty-backed GPS, the
+shared corpus, and temporary data directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO.parent / "shared" / "corpus"
+
+
+def _corpus_dir() -> Path:
+    if CORPUS.is_dir():
+        return CORPUS
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but the shared corpus is missing at {CORPUS}")
+    pytest.skip(f"real-data test: the shared corpus is not at {CORPUS} (only developers' machines and CI have it)")
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    """../shared/corpus: skipped on a user's clone, a failure in CI."""
+    return _corpus_dir()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+class MosquittoBroker:
+    """A real ``mosquitto`` process on a free port, stopped and restarted by PID."""
+
+    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.extra_conf = extra_conf
+        self.proc: subprocess.Popen | None = None
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+
+    def start(self) -> None:
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n{self.extra_conf}"
+        )
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def mosquitto(tmp_path_factory) -> MosquittoBroker:
+    """A private Mosquitto on a free port (no persistence, like Mosquitto's default)."""
+    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto")
+    broker = MosquittoBroker(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """An empty directory standing in for /var/lib/telematics-agent."""
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+class PtyGps:
+    """A real pseudo-terminal: tests write NMEA to ``master_fd``; the agent opens ``path`` with pyserial."""
+
+    def __init__(self) -> None:
+        self.master_fd, self.slave_fd = os.openpty()
+        self.path = os.ttyname(self.slave_fd)
+
+    def write(self, data: bytes | str) -> None:
+        if isinstance(data, str):
+            data = data.encode("ascii")
+        os.write(self.master_fd, data)
+
+    def close(self) -> None:
+        for fd in (self.master_fd, self.slave_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def pty_gps():
+    """A pty-backed GPS receiver."""
+    gps = PtyGps()
+    yield gps
+    gps.close()
