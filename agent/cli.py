@@ -1,0 +1,18 @@
+"""``telematics-agent``: the on-vehicle daemon and its offline tools."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from agent.cli_base import dispatch
+
+COMMANDS = {
+    "run": ("agent.commands.run", "run the agent daemon"),
+    "check-config": ("agent.commands.check_config", "validate a config file and print it with defaults"),
+    "decode-nmea": ("agent.commands.decode_nmea", "print every fix of an NMEA capture as JSON lines"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``telematics-agent`` console command."""
+    return dispatch("telematics-agent", __doc__, COMMANDS, argv)
