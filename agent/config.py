@@ -96,6 +96,52 @@ class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+# BCM GPIO numbers of the 40-pin header (gpiozero's default numbering); None = not wired.
+BcmPin = Annotated[int, msgspec.Meta(ge=0, le=27)]
+
+
+class GpioConfig(_Section):
+    """Ignition sense input and status LEDs (gpiozero); pins None when not fitted."""
+
+    ignition_pin: BcmPin | None = None  # None: no ignition line, the agent assumes ignition on
+    # True: the line pulls the pin low when the ignition is on (internal pull-up); False: high (pull-down).
+    ignition_pull_up: bool = False
+    # The line must hold a new level this long before it counts (cranking dips, loose contacts).
+    ignition_debounce_s: Annotated[float, msgspec.Meta(ge=0, le=30)] = 1.0
+    led_gps_pin: BcmPin | None = None  # on: fix; blinking: no fix
+    led_link_pin: BcmPin | None = None  # on: broker connected; blinking: not connected
+    led_backlog_pin: BcmPin | None = None  # on: more than backlog_led_records waiting on disk
+    backlog_led_records: PositiveInt = 1000
+
+
+class PowerConfig(_Section):
+    """What happens after the ignition goes off."""
+
+    # Keep reporting this long after ignition off (a short stop does not end the trip).
+    run_on_s: Annotated[float, msgspec.Meta(ge=0)] = 120.0
+    # Longest wait for the buffer to be flushed to the broker before powering down.
+    flush_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    # Output that keeps the supply on (a power-hold relay / HAT line) until shutdown; None: not fitted.
+    hold_pin: BcmPin | None = None
+    # Shut the box down (through logind) after the run-on; false: keep running, only report.
+    shutdown: bool = False
+    shutdown_command: list[str] = msgspec.field(default_factory=lambda: ["systemctl", "poweroff"])
+
+
+class StatusConfig(_Section):
+    """The status file ``telematics-agent status`` reads ({data_dir}/status.json)."""
+
+    interval_s: Annotated[float, msgspec.Meta(ge=0.5, le=300)] = 5.0
+
+
+class RemoteConfig(_Section):
+    """Remote management over MQTT: {topic_prefix}/{device}/config, /command, /response."""
+
+    enabled: bool = True
+    # A change after which the broker is not reachable within this time is rolled back.
+    rollback_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
+
+
 class Config(_Section):
     """The whole agent configuration."""
 
@@ -104,6 +150,10 @@ class Config(_Section):
     mqtt: MqttConfig = msgspec.field(default_factory=MqttConfig)
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    gpio: GpioConfig = msgspec.field(default_factory=GpioConfig)
+    power: PowerConfig = msgspec.field(default_factory=PowerConfig)
+    status: StatusConfig = msgspec.field(default_factory=StatusConfig)
+    remote: RemoteConfig = msgspec.field(default_factory=RemoteConfig)
 
 
 class ConfigError(Exception):
