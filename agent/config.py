@@ -142,6 +142,94 @@ class RemoteConfig(_Section):
     rollback_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
 
 
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class GeofencesConfig(_Section):
+    """Geofences (GeoJSON) and their hysteresis; per-fence properties override the defaults."""
+
+    file: str | None = None  # GeoJSON FeatureCollection; None: no fences until one is received
+    # A fence is entered (left) only this far inside (outside) its boundary: GPS wanders by metres.
+    hysteresis_m: NonNegFloat = 10.0
+    # ... and only after staying beyond that margin this long.
+    hysteresis_s: NonNegFloat = 3.0
+    dwell_s: PositiveFloat = 600.0  # geofence_dwell after this long inside
+    approach_m: NonNegFloat = 1000.0  # stop_approach radius around customer stops; 0: none
+    # The speed for an approach ETA is the mean over this window.
+    eta_window_s: PositiveFloat = 60.0
+
+
+class StopsConfig(_Section):
+    """Delivery stops: stationary within a radius for at least a duration."""
+
+    radius_m: PositiveFloat = 30.0
+    min_duration_s: PositiveFloat = 120.0
+
+
+class TripsConfig(_Section):
+    """Trips from the ignition line, else CAN engine speed, else movement."""
+
+    engine_on_rpm: PositiveFloat = 300.0  # engine running above this (cranking is ~150-250 rpm)
+    moving_speed_mps: PositiveFloat = 2.0  # movement-based trips: start above this speed
+    # Movement-based trips end after standing still this long.
+    movement_end_s: PositiveFloat = 300.0
+
+
+class IdlingConfig(_Section):
+    """Engine running while standing still."""
+
+    min_duration_s: PositiveFloat = 300.0
+    still_speed_mps: PositiveFloat = 1.0  # standing still below this speed
+
+
+class DrivingConfig(_Section):
+    """Harsh driving and overspeed. Thresholds None take the vehicle profile's defaults."""
+
+    vehicle: Literal["van", "truck"] = "truck"
+    harsh_accel_mps2: PositiveFloat | None = None
+    harsh_brake_mps2: PositiveFloat | None = None
+    harsh_corner_mps2: PositiveFloat | None = None
+    min_speed_kmh: NonNegFloat = 15.0  # below this, harsh driving is not checked
+    overspeed_kmh: PositiveFloat | None = None  # global limit; None: only speed-zone fences
+    overspeed_min_s: NonNegFloat = 10.0  # shorter episodes are not reported
+    # An episode ends after the speed has stayed at or below the limit this long.
+    overspeed_end_s: NonNegFloat = 5.0
+
+
+class ReportingProfile(_Section):
+    """When a position is reported; a criterion of 0 is off."""
+
+    period_s: PositiveFloat  # at least one report this often
+    distance_m: NonNegFloat = 0.0
+    heading_deg: NonNegFloat = 0.0
+    speed_change_mps: NonNegFloat = 0.0
+    # Report before the track between reports would stray further than this from a straight line
+    # travelled at constant speed (the backend's interpolation); 0: off.
+    tolerance_m: NonNegFloat = 0.0
+
+
+class ReportingConfig(_Section):
+    """Adaptive position reporting: a moving and a parked profile."""
+
+    enabled: bool = True
+    moving_speed_mps: PositiveFloat = 1.5  # moving profile above this speed
+    moving: ReportingProfile = msgspec.field(
+        default_factory=lambda: ReportingProfile(period_s=60.0, heading_deg=30.0, speed_change_mps=5.0, tolerance_m=7.0)
+    )
+    parked: ReportingProfile = msgspec.field(default_factory=lambda: ReportingProfile(period_s=600.0, distance_m=50.0))
+
+
+class EdgeConfig(_Section):
+    """Edge logic on the truck: geofences, stops, trips, idling, driving events, adaptive reporting."""
+
+    geofences: GeofencesConfig = msgspec.field(default_factory=GeofencesConfig)
+    stops: StopsConfig = msgspec.field(default_factory=StopsConfig)
+    trips: TripsConfig = msgspec.field(default_factory=TripsConfig)
+    idling: IdlingConfig = msgspec.field(default_factory=IdlingConfig)
+    driving: DrivingConfig = msgspec.field(default_factory=DrivingConfig)
+    reporting: ReportingConfig = msgspec.field(default_factory=ReportingConfig)
+
+
 class Config(_Section):
     """The whole agent configuration."""
 
@@ -154,6 +242,7 @@ class Config(_Section):
     power: PowerConfig = msgspec.field(default_factory=PowerConfig)
     status: StatusConfig = msgspec.field(default_factory=StatusConfig)
     remote: RemoteConfig = msgspec.field(default_factory=RemoteConfig)
+    edge: EdgeConfig = msgspec.field(default_factory=EdgeConfig)
 
 
 class ConfigError(Exception):

@@ -1,0 +1,60 @@
+"""A processor's small state that must survive a restart (inside a fence, in a stop), as a JSON file.
+
+Written atomically (temp file, fsync, rename, fsync of the directory) and only when the state
+changed, so a power cut leaves either the old or the new state, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class StateFile:
+    """``<data_dir>/<name>.json``; ``None`` as data_dir keeps state in memory only (offline runs)."""
+
+    def __init__(self, data_dir: str | Path | None, name: str) -> None:
+        self.path = Path(data_dir) / f"{name}.json" if data_dir is not None else None
+        self._last: str | None = None
+
+    def load(self) -> dict[str, Any]:
+        """The saved state, or {} when there is none or it cannot be read (logged)."""
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            text = self.path.read_text(encoding="utf-8")
+            state = json.loads(text)
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable state file %s: %s", self.path, exc)
+            return {}
+        if not isinstance(state, dict):
+            log.warning("ignoring state file %s: not a JSON object", self.path)
+            return {}
+        self._last = json.dumps(state, sort_keys=True)
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` if it differs from what is on disk."""
+        text = json.dumps(state, sort_keys=True)
+        if text == self._last:
+            return
+        self._last = text
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself must be durable
+        finally:
+            os.close(dir_fd)
