@@ -11,6 +11,7 @@ Defaults are documented in ``firmware_config/agent.example.yaml``; a test keeps 
 
 from __future__ import annotations
 
+import datetime as _dt
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,11 +37,26 @@ class DeviceConfig(_Section):
     data_dir: str = "/var/lib/telematics-agent"
 
 
+class GpsFilterConfig(_Section):
+    """Fix-quality thresholds of ``agent/processors/fix_filter.py`` (docs/gps.md)."""
+
+    # A fix implying a speed above this from the last accepted fix is a jump (70 m/s = 252 km/h).
+    max_speed_mps: PositiveFloat = 70.0
+    # After this many jumps in a row that agree with each other, the receiver is believed again.
+    jump_reanchor: PositiveInt = 3
+    max_hdop: PositiveFloat = 10.0
+    min_sats: Annotated[int, msgspec.Meta(ge=0)] = 4
+    # Relative to a trusted wall clock (when the clock is trusted): fixes further ahead or older
+    # than this are rejected.
+    max_future_s: PositiveFloat = 5.0
+    max_age_s: PositiveFloat = 300.0
+
+
 class GpsConfig(_Section):
-    """The GPS receiver on a serial port (pyserial)."""
+    """The GPS receiver: a serial port (pyserial) or gpsd's JSON on TCP."""
 
     enabled: bool = True
-    source: Literal["serial"] = "serial"
+    source: Literal["serial", "gpsd"] = "serial"
     port: str = "/dev/gps0"
     baud: PositiveInt = 9600
     # Accept sentences without a checksum (for receivers that never send one).
@@ -49,6 +65,14 @@ class GpsConfig(_Section):
     epoch_timeout_s: PositiveFloat = 0.25
     # How long to wait before reopening a port that failed or disappeared.
     reopen_interval_s: PositiveFloat = 2.0
+    # No byte (serial) or report (gpsd) for this long: a gps_silent event.
+    silent_timeout_s: PositiveFloat = 5.0
+    # Receiver dates before this are a GPS week-number rollover (1024 weeks) and are moved forward.
+    rollover_floor: _dt.date = _dt.date(2025, 1, 1)
+    # source: gpsd
+    gpsd_host: str = "127.0.0.1"
+    gpsd_port: Port = 2947
+    filter: GpsFilterConfig = msgspec.field(default_factory=GpsFilterConfig)
 
 
 class TlsConfig(_Section):
@@ -80,6 +104,15 @@ class MqttConfig(_Section):
     # Reconnect backoff: capped exponential with jitter.
     reconnect_min_s: PositiveFloat = 1.0
     reconnect_max_s: PositiveFloat = 60.0
+    # "auto": MQTT 5, falling back to 3.1.1 for a broker that refuses version 5.
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    # Who confirms a batch: the collector on the ack topic, or (a persistent broker cluster as the
+    # system of record) the broker's PUBACK. docs/transport.md explains the difference.
+    ack: Literal["collector", "broker"] = "collector"
+    # Batches sent and not yet confirmed; bounds memory and what a dead collector costs on air.
+    max_unacked_batches: Annotated[int, msgspec.Meta(ge=1, le=100000)] = 200
+    # Backlog (records stored before the link came up) is drained behind live data at this rate; 0: no cap.
+    backlog_max_records_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class BufferConfig(_Section):

@@ -8,6 +8,7 @@ from agent.cli_base import dispatch
 
 COMMANDS = {
     "run": ("collector.commands.run", "subscribe to the devices' telemetry and store it"),
+    "summary": ("collector.commands.summary", "records stored, first/last time, distance and duration per device"),
 }
 
 
