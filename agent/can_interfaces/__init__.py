@@ -1,0 +1,1 @@
+"""python-can interfaces the project ships, registered through the ``can.interface`` entry point group."""
