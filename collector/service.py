@@ -69,7 +69,7 @@ class Collector:
         if store is None and db_path is None:
             raise ValueError("Collector needs db_path or store")
         self.host, self.port, self.prefix = host, port, topic_prefix
-        self._db_path = db_path
+        self.db_path = db_path
         self._store = store
         self._client_id = client_id
         self._session_expiry_s = session_expiry_s
@@ -94,7 +94,7 @@ class Collector:
     def start(self, wait_connected: float = 10.0) -> "Collector":
         """Open the store, connect (paho reconnects by itself), start the worker."""
         if self._store is None:
-            self._store = SqliteStore(self._db_path)
+            self._store = SqliteStore(self.db_path)
         self._stop.clear()
         self._worker = threading.Thread(target=self._work, name="collector-store", daemon=True)
         self._worker.start()

@@ -107,6 +107,20 @@ def mosquitto(tmp_path_factory) -> MosquittoBroker:
 
 
 @pytest.fixture
+def collector_sqlite(mosquitto, tmp_path_factory):
+    """The collector (in-process, topic prefix "telematics") on a temporary SQLite file, against ``mosquitto``.
+
+    ``.db_path`` is the file; ``.stop()`` / ``.start()`` restart it; ``.stats()`` counts what it stored.
+    """
+    from collector.service import Collector
+
+    collector = Collector("127.0.0.1", mosquitto.port, "telematics", tmp_path_factory.mktemp("collector") / "collector.sqlite")
+    collector.start()
+    yield collector
+    collector.stop()
+
+
+@pytest.fixture
 def data_dir(tmp_path) -> Path:
     """An empty directory standing in for /var/lib/telematics-agent."""
     path = tmp_path / "data"
