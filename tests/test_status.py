@@ -1,0 +1,160 @@
+"""StatusBoard -> status.json -> `telematics-agent status`, against a board running in its thread."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+from agent.clock import SystemClock
+from agent.ops.status import StatusBoard, read_power_flags
+
+
+AGENT = str(Path(sys.executable).parent / "telematics-agent")
+
+
+def status_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([AGENT, "status", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def throttled(tmp_path):
+    """A file standing in for /sys/devices/platform/soc/soc:firmware/get_throttled."""
+    path = tmp_path / "get_throttled"
+    path.write_text("50005\n")  # under-voltage now + throttled now; both occurred since boot
+    return path
+
+
+@pytest.fixture
+def running_board(data_dir, throttled):
+    board = StatusBoard(data_dir, SystemClock(), device_id="truck-7", interval_s=0.5, throttled_path=throttled)
+    now = time.time()
+    board.update("gps", fix=True, mode=3, satellites=9, last_fix_utc=now - 0.4)
+    board.update("can", can0={"frames_per_s": 812.0, "errors": 3, "state": "active"})
+    board.provide("buffer", lambda: {"depth": 1234, "oldest_utc": time.time() - 35, "dropped_total": 2})
+    board.provide("broker", lambda: {"connected": True, "state": "up", "last_publish_utc": time.time() - 0.9})
+    board.update("config", version="3f2a9c1b7e00")
+    board.update("geofences", version="depot-v42", count=17)
+    board.update("clock", offset_s=0.125, source="gps")
+    board.update("ignition", on=True, since_utc=now - 600)
+    board.count("counters", "rejected", 4)
+    board.count("counters", "rejected")
+    board.count("counters", "dropped", 2)
+    board.start()
+    wait_until(lambda: (data_dir / "status.json").exists(), message="status.json")
+    yield board
+    board.close()
+
+
+def test_status_shows_every_field(running_board, data_dir):
+    proc = status_cli("--data-dir", str(data_dir))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for expected in (
+        "device truck-7",
+        "GPS        fix 3D, 9 satellites, last fix",
+        "CAN        can0: 812 frames/s, 3 errors, bus active",
+        "Buffer     1234 records waiting, oldest 3",
+        "Broker     connected, last publish",
+        "config 3f2a9c1b7e00, geofences depot-v42 (17 fences)",
+        "Clock      offset +0.125 s against gps",
+        "Power      NOW: under_voltage, throttled; since boot: under_voltage, throttling",
+        "Ignition   on since 10m",
+        "Records    dropped 2, dropped_by_buffer 2, rejected 5",
+        "telematics-agent 0.",
+        " up ",
+    ):
+        assert expected in out, f"{expected!r} not in:\n{out}"
+    assert "WARNING" not in out
+
+
+def test_status_json_for_scripts(running_board, data_dir):
+    proc = status_cli("--json", "--data-dir", str(data_dir))
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["gps"]["satellites"] == 9
+    assert status["can"]["can0"]["frames_per_s"] == 812.0
+    assert status["buffer"]["depth"] == 1234
+    assert status["broker"]["connected"] is True
+    assert status["counters"] == {"rejected": 5, "dropped": 2}
+    assert status["power"]["under_voltage"] is True and status["power"]["get_throttled"] == "0x50005"
+    assert status["state"] == "running" and status["stale"] is False
+    assert status["uptime_s"] >= 0 and status["version"]
+
+
+def test_status_is_rewritten_while_running(running_board, data_dir):
+    first = json.loads((data_dir / "status.json").read_text())["updated_utc"]
+    running_board.update("gps", satellites=4)
+    wait_until(lambda: json.loads((data_dir / "status.json").read_text())["gps"]["satellites"] == 4, message="rewrite")
+    assert json.loads((data_dir / "status.json").read_text())["updated_utc"] > first
+
+
+def test_stopped_agent_is_reported(data_dir, throttled):
+    board = StatusBoard(data_dir, SystemClock(), device_id="truck-7", interval_s=0.5, throttled_path=throttled)
+    stop = threading.Event()
+    stop.set()
+    board.run(stop)  # writes once, then the final "stopped" state
+    proc = status_cli("--data-dir", str(data_dir))
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("WARNING: agent stopped")
+
+
+def test_stale_status_is_flagged(data_dir, throttled):
+    board = StatusBoard(data_dir, SystemClock(), device_id="truck-7", interval_s=0.5, throttled_path=throttled)
+    board.write()
+    doc = json.loads((data_dir / "status.json").read_text())
+    doc["updated_utc"] -= 60
+    (data_dir / "status.json").write_text(json.dumps(doc))
+    proc = status_cli("--data-dir", str(data_dir))
+    assert proc.returncode == 1
+    assert "not updating (hung or killed?)" in proc.stdout
+
+
+def test_no_status_file_is_one_clear_line(data_dir):
+    proc = status_cli("--data-dir", str(data_dir))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"telematics-agent status: no status file at {data_dir}/status.json: is the agent running? "
+        "(systemctl status telematics-agent)"
+    ]
+
+
+def test_data_dir_from_the_config(running_board, data_dir, tmp_path):
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"device:\n  id: truck-7\n  data_dir: {data_dir}\n")
+    proc = status_cli("--config", str(config))
+    assert proc.returncode == 0 and "device truck-7" in proc.stdout
+
+
+def test_a_failing_provider_does_not_break_the_file(data_dir, throttled):
+    board = StatusBoard(data_dir, SystemClock(), device_id="d", throttled_path=throttled)
+    board.provide("broker", lambda: 1 / 0)
+    assert board.snapshot()["broker"] == {"error": "ZeroDivisionError: division by zero"}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0\n", {"under_voltage": False, "throttled": False, "under_voltage_occurred": False}),
+        ("50000\n", {"under_voltage": False, "under_voltage_occurred": True, "throttling_occurred": True}),
+        ("1\n", {"under_voltage": True, "under_voltage_occurred": False}),
+        ("80008", {"soft_temperature_limit": True, "soft_temperature_limit_occurred": True, "throttled": False}),
+    ],
+)
+def test_power_flags(tmp_path, text, expected):
+    path = tmp_path / "get_throttled"
+    path.write_text(text)
+    flags = read_power_flags(path)
+    assert {k: flags[k] for k in expected} == expected
+
+
+def test_power_flags_absent_off_a_pi(tmp_path):
+    assert read_power_flags(tmp_path / "missing") is None
+    (tmp_path / "garbage").write_text("not hex")
+    assert read_power_flags(tmp_path / "garbage") is None
