@@ -263,6 +263,77 @@ class EdgeConfig(_Section):
     reporting: ReportingConfig = msgspec.field(default_factory=ReportingConfig)
 
 
+class CanSignalConfig(_Section):
+    """A sampling policy for one decoded CAN signal (a DBC signal name or an OBD-II quantity name)."""
+
+    signal: str
+    name: str | None = None  # the record's name; default the signal's
+    # latest: the newest value once per period; min/max/mean: over each period; change: beyond deadband
+    policy: Literal["latest", "min", "max", "mean", "change"] = "latest"
+    period_s: PositiveFloat = 1.0
+    deadband: NonNegFloat = 0.0  # change policy: emitted when it moves more than this
+    sa: Annotated[int, msgspec.Meta(ge=0, le=253)] | None = None  # J1939: only this source address
+
+
+class CanBusConfig(_Section):
+    """One CAN bus opened through python-can."""
+
+    name: str = "can0"  # the records' source
+    # python-can interface: socketcan, slcan_buffered (the project's), slcan, virtual, ...
+    interface: str = "socketcan"
+    channel: str = "can0"  # can0, /dev/ttyACM0, a virtual channel name
+    # bit/s; 0: detect (only on a listen-only bus); socketcan's is set by systemd-networkd
+    bitrate: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 250000
+    protocol: Literal["j1939", "obd2"] = "j1939"  # obd2: poll the vehicle (needs can.allow_transmit)
+    reopen_interval_s: PositiveFloat = 2.0  # wait before reopening a bus that failed or vanished
+    options: dict[str, str | int | float | bool] = {}  # extra keyword arguments for python-can
+
+
+class ObdPollConfig(_Section):
+    """OBD-II polling (ISO 15765-4) on obd2 buses."""
+
+    # Service 01 PIDs to poll (numbers); empty: every supported PID the agent decodes
+    pids: list[Annotated[int, msgspec.Meta(ge=1, le=255)]] = []
+    period_s: PositiveFloat = 1.0  # each PID this often
+    timeout_s: PositiveFloat = 0.1  # an unanswered request after this long counts a miss
+    max_misses: PositiveInt = 3  # a PID unanswered this many times in a row is dropped
+    extended_ids: bool = False  # 29-bit ids (18DB33F1 / 18DAxxF1) instead of 11-bit (7DF / 7E8)
+    dtc_period_s: PositiveFloat = 60.0  # stored codes (service 03) this often
+
+
+def _default_can_signals() -> list[CanSignalConfig]:
+    latest_1s = ("EngineSpeed", "WheelBasedVehicleSpeed", "AccelPedalPos1", "EngineRPM", "VehicleSpeed")
+    every_min = ("EngineTotalHoursOfOperation", "EngineTotalFuelUsed", "TotalVehicleDistanceHighRes",
+                 "TotalVehicleDistance", "FuelLevel1", "FuelTankLevel", "Odometer")
+    return [
+        *(CanSignalConfig(signal=s) for s in latest_1s),
+        CanSignalConfig(signal="EngineFuelRate", policy="mean", period_s=10.0),
+        *(CanSignalConfig(signal=s, period_s=60.0) for s in every_min),
+        *(CanSignalConfig(signal=s, policy="change", deadband=1.0)
+          for s in ("EngineCoolantTemperature", "EngineOilTemperature1", "AmbientAirTemperature", "EngineCoolantTemp")),
+        *(CanSignalConfig(signal=s, policy="change")
+          for s in ("BrakeSwitch", "CruiseControlActive", "ParkingBrakeSwitch", "TransCurrentGear")),
+    ]
+
+
+class CanConfig(_Section):
+    """Vehicle CAN buses: J1939 (trucks) and OBD-II (vans). Listen-only unless allow_transmit."""
+
+    # This vehicle allows the agent to transmit (OBD-II polling, J1939 requests); off: the
+    # controller is opened listen-only and the agent puts nothing on the bus, not even ACKs.
+    allow_transmit: bool = False
+    buses: list[CanBusConfig] = msgspec.field(default_factory=lambda: [CanBusConfig()])
+    dbc: list[str] = []  # extra DBC files, on top of the project's own J1939 DBC
+    signals: list[CanSignalConfig] = msgspec.field(default_factory=_default_can_signals)
+    obd: ObdPollConfig = msgspec.field(default_factory=ObdPollConfig)
+
+    def __post_init__(self) -> None:
+        # Detecting the bit rate means trying wrong ones on the vehicle's bus: only harmless when
+        # the controller cannot transmit (a wrong-rate node that acknowledges destroys frames).
+        if self.allow_transmit and any(bus.bitrate == 0 for bus in self.buses):
+            raise ValueError("bitrate 0 (detect) needs a listen-only bus: set the bitrate or allow_transmit: false")
+
+
 class Config(_Section):
     """The whole agent configuration."""
 
@@ -276,6 +347,7 @@ class Config(_Section):
     status: StatusConfig = msgspec.field(default_factory=StatusConfig)
     remote: RemoteConfig = msgspec.field(default_factory=RemoteConfig)
     edge: EdgeConfig = msgspec.field(default_factory=EdgeConfig)
+    can: CanConfig | None = None  # None: no CAN source
 
 
 class ConfigError(Exception):
@@ -341,6 +413,8 @@ def _section_fields(path: str) -> list[str]:
     """The keys a section accepts, for 'known keys' hints."""
     struct: type = Config
     for part in filter(None, path.split(".")):
+        if part.isdigit():
+            continue  # a list index: the element type is what _struct_types found
         hints = msgspec.structs.fields(struct)
         field = next((f for f in hints if f.name == part), None)
         if field is None:
