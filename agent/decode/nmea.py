@@ -1,0 +1,528 @@
+"""NMEA 0183 framing, parsing and epoch assembly: bytes from a GPS receiver in, one fix per epoch out.
+
+Pure: no I/O, no clock, no logging of data. :class:`NmeaDecoder` is fed raw bytes as they come off a
+serial line (in reads of any size) and returns ``(utc_seconds, Fix)`` for every receiver epoch the
+bytes complete. It copes with what real receivers send (see docs/gps.md):
+
+- framing: leading garbage, NUL bytes, terminal escapes, binary protocols (UBX) between sentences,
+  sentences split across reads, two sentences merged, CR / LF / CR CR LF endings, ``$`` and ``!``
+  starts, over-long lines, bad or missing checksums. Every rejected piece is counted by reason in
+  :attr:`NmeaDecoder.counters`; nothing raises.
+- sentences RMC, GGA, GNS, GLL, GSA, GSV, VTG, GST, ZDA from any talker (GP, GN, GL, GA, GB, BD,
+  GQ, QZ, GI, PQ, ...); others, and proprietary ``$P...`` sentences, are counted and skipped.
+- epochs: every sentence that carries a time of day belongs to the epoch of that time; sentences
+  without one (GSA, GSV, VTG) belong to the epoch being assembled. An epoch is complete when a
+  sentence with a different time arrives, when a sentence kind it already holds arrives again (a
+  receiver repeating its time), or when the caller calls :meth:`NmeaDecoder.flush` (end of the
+  stream, or a quiet line: the serial source calls it after ``gps.epoch_timeout_s``).
+- dates: from RMC (two-digit year, 2000-2079 as gpsd does) or ZDA; GGA, GNS and GLL carry only the
+  time of day and take the date of the last RMC or ZDA, moved on a day when the time of day wraps
+  past midnight. An epoch whose date is unknown is counted as ``no_date`` and not returned, unless
+  the caller gave a trusted reference time (:meth:`NmeaDecoder.set_reference_utc`).
+- GPS week-number rollover: with ``rollover_floor_utc`` set, a receiver date before it is moved
+  forward by 1024 weeks (IS-GPS-200: the week number is 10 bits) until it is not.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from pathlib import Path
+from typing import Iterator
+
+from agent.record import Fix
+
+# NMEA 0183 caps a sentence at 82 characters; receivers with 8-decimal RTK positions send up to
+# about 100, so reject only past this (gpsd drops over-long sentences too: merged garbage).
+MAX_SENTENCE = 120
+KNOTS_TO_MPS = 1852.0 / 3600.0  # 1 knot = 1 nautical mile (1852 m, by definition) per hour
+KMH_TO_MPS = 1.0 / 3.6
+# IS-GPS-200: the broadcast week number has 10 bits, so it wraps every 1024 weeks.
+GPS_ROLLOVER_S = 1024 * 7 * 86400
+HALF_DAY_MS = 12 * 3600 * 1000
+DAY_MS = 24 * 3600 * 1000
+_EPOCH_ORDINAL = _dt.date(1970, 1, 1).toordinal()
+
+# A piece of a stream: a start character and everything up to the next start or line end.
+_PIECE = re.compile(rb"[$!][^$!\r\n]*")
+_DELIMITER = re.compile(rb"[$!\r\n]")
+_PRINTABLE = bytes(range(0x20, 0x7F))
+# GGA quality digit for an FAA mode letter (NMEA 0183 4.10 mode indicator), for GNS-only epochs.
+_FAA_QUALITY = {"N": 0, "A": 1, "D": 2, "P": 3, "R": 4, "F": 5, "E": 6, "M": 7, "S": 8}
+# Which sentence's position an epoch keeps when they disagree and are equally precise.
+_RANK_RMC, _RANK_GNS, _RANK_GGA, _RANK_GLL = 1, 2, 3, 4
+# Sentences that may repeat within one epoch (one per constellation, or several parts).
+_MULTI = frozenset({"GSA", "GSV"})
+
+
+def checksum(body: bytes) -> int:
+    """XOR of every byte of ``body`` (the characters between ``$`` and ``*``), NMEA 0183 section 5.3."""
+    value = int.from_bytes(body, "little")
+    size = len(body)
+    while size > 1:  # fold the halves together: log2(n) big-int operations instead of n loop steps
+        half = (size + 1) // 2
+        value = (value & ((1 << (8 * half)) - 1)) ^ (value >> (8 * half))
+        size = half
+    return value & 0xFF
+
+
+def _float(text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value == value and value not in (float("inf"), float("-inf")) else None
+
+
+def _int(text: str) -> int | None:
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        value = _float(text)
+        return int(value) if value is not None and value.is_integer() else None
+
+
+def _time_of_day_ms(text: str) -> int | None:
+    """``hhmmss[.sss]`` -> milliseconds since midnight (fractions beyond ms truncated, as gpsd)."""
+    if len(text) < 6 or not text[:6].isdigit():
+        return None
+    hours, minutes, seconds = int(text[0:2]), int(text[2:4]), int(text[4:6])
+    if hours > 23 or minutes > 59 or seconds > 60:  # 60: a leap second
+        return None
+    millis = 0
+    if len(text) > 6:
+        frac = text[7:]
+        if text[6] != "." or (frac and not frac.isdigit()):
+            return None
+        millis = int((frac + "000")[:3]) if frac else 0
+    return ((hours * 60 + minutes) * 60 + seconds) * 1000 + millis
+
+
+def _angle(value: str, hemi: str, max_degrees: int) -> float | None:
+    """NMEA ``dddmm.mmmm`` + hemisphere -> signed degrees; None when empty or out of range."""
+    number = _float(value)
+    if number is None or hemi not in ("N", "S", "E", "W") or number < 0:
+        return None
+    degrees = int(number // 100)
+    minutes = number - degrees * 100
+    if minutes >= 60.0 or degrees > max_degrees:
+        return None
+    result = degrees + minutes / 60.0
+    if result > max_degrees:
+        return None
+    return -result if hemi in ("S", "W") else result
+
+
+def _position(fields: list[str], index: int, rank: int) -> tuple[float, float, int] | None:
+    """Latitude and longitude at ``fields[index:index + 4]``, with a rank: more digits rank higher,
+    then the sentence's own ``rank``."""
+    if len(fields) < index + 4:
+        return None
+    lat = _angle(fields[index], fields[index + 1], 90)
+    lon = _angle(fields[index + 2], fields[index + 3], 180)
+    if lat is None or lon is None:
+        return None
+    text = fields[index]
+    digits = len(text) - text.find(".") - 1 if "." in text else 0
+    return lat, lon, digits * 8 + rank
+
+
+def _date_ordinal(day: int, month: int, year: int) -> int | None:
+    try:
+        return _dt.date(year, month, day).toordinal()
+    except ValueError:
+        return None
+
+
+def invalid_reason(fix: Fix) -> str | None:
+    """Why the receiver itself marks ``fix`` invalid (RMC/GLL status V, GGA quality 0, GSA mode 1,
+    FAA mode N), or None when it does not."""
+    if fix.status == "V":
+        return "invalid_status"
+    if fix.quality == 0:
+        return "invalid_quality"
+    if fix.mode == 1:
+        return "invalid_mode"
+    if fix.faa_mode == "N":
+        return "invalid_faa"
+    return None
+
+
+class _Epoch:
+    """What the sentences of one receiver epoch said so far."""
+
+    __slots__ = (
+        "tod_ms", "date_ord", "kinds", "lat", "lon", "pos_rank", "alt_m", "geoid_sep_m", "speed_mps",
+        "course_deg", "quality", "hdop", "pdop", "vdop", "sats_used", "gsa_sats", "gsv_sats", "mode",
+        "status", "faa_mode", "lat_err_m", "lon_err_m", "alt_err_m",
+    )
+
+    def __init__(self, tod_ms: int | None, date_ord: int | None) -> None:
+        self.tod_ms = tod_ms
+        self.date_ord = date_ord
+        self.kinds: set[tuple[str, str]] = set()
+        self.lat: float | None = None
+        self.lon: float | None = None
+        self.pos_rank = 0
+        self.alt_m = self.geoid_sep_m = self.speed_mps = self.course_deg = None
+        self.quality = self.sats_used = self.mode = None
+        self.hdop = self.pdop = self.vdop = None
+        self.gsa_sats: set[tuple[str, str]] = set()
+        self.gsv_sats: set[tuple[str, str]] = set()
+        self.status = self.faa_mode = None
+        self.lat_err_m = self.lon_err_m = self.alt_err_m = None
+
+    def set_position(self, position: tuple[float, float, int] | None) -> None:
+        # Several sentences repeat the position; keep the most precise one (receivers that round
+        # RMC send more digits in GGA), and among equals the later in a cycle (GLL, GGA, GNS, RMC):
+        # a multiplexer feeding sentences of different seconds has its freshest position last.
+        if position is not None and position[2] > self.pos_rank:
+            self.lat, self.lon, self.pos_rank = position
+
+    def fix(self) -> Fix:
+        sats_used = self.sats_used
+        if sats_used is None and self.gsa_sats:
+            sats_used = len(self.gsa_sats)
+        return Fix(
+            lat=self.lat, lon=self.lon, alt_m=self.alt_m, speed_mps=self.speed_mps, course_deg=self.course_deg,
+            quality=self.quality, hdop=self.hdop, sats_used=sats_used, mode=self.mode,
+            geoid_sep_m=self.geoid_sep_m, pdop=self.pdop, vdop=self.vdop,
+            sats_in_view=len(self.gsv_sats) if self.gsv_sats else None,
+            status=self.status, faa_mode=self.faa_mode,
+            lat_err_m=self.lat_err_m, lon_err_m=self.lon_err_m, alt_err_m=self.alt_err_m,
+        )
+
+
+class NmeaDecoder:
+    """Bytes from one receiver in, ``(utc_seconds, Fix)`` per completed epoch out. Never raises on input.
+
+    ``allow_missing_checksum`` accepts sentences without ``*hh`` (receivers that never send one);
+    ``rollover_floor_utc`` (Unix seconds) moves receiver dates before it forward by 1024 weeks.
+    """
+
+    def __init__(self, allow_missing_checksum: bool = False, rollover_floor_utc: float | None = None) -> None:
+        self.allow_missing_checksum = allow_missing_checksum
+        self.rollover_floor_utc = rollover_floor_utc
+        self.counters: dict[str, int] = {
+            "sentences": 0, "epochs": 0, "bad_checksum": 0, "missing_checksum": 0, "overlong": 0,
+            "garbage": 0, "unparsable": 0, "ignored": 0, "no_position": 0, "no_date": 0, "rollover": 0,
+        }
+        self._tail = b""
+        self._skipping = False  # inside an over-long piece: drop bytes until the next delimiter
+        self._epoch: _Epoch | None = None
+        self._date_ord: int | None = None  # the date the receiver last told us, moved at midnight
+        self._last_tod: int | None = None
+        self._reference_ms: int | None = None
+        self._handlers = {
+            "RMC": self._rmc, "GGA": self._gga, "GNS": self._gns, "GLL": self._gll, "GSA": self._gsa,
+            "GSV": self._gsv, "VTG": self._vtg, "GST": self._gst, "ZDA": self._zda,
+        }
+
+    # ---- public -------------------------------------------------------------------------------
+
+    def set_reference_utc(self, utc: float | None) -> None:
+        """A trusted wall-clock time (Unix seconds), used only to date epochs no RMC or ZDA dated."""
+        self._reference_ms = None if utc is None else int(utc * 1000)
+
+    def feed(self, data: bytes) -> list[tuple[float, Fix]]:
+        """Consume ``data`` (any slice of the stream); return the fixes of the epochs it completed."""
+        out: list[tuple[float, Fix]] = []
+        if self._skipping:
+            found = _DELIMITER.search(data)
+            if found is None:
+                return out
+            data = data[found.start():]
+            self._skipping = False
+        buf = self._tail + data if self._tail else data
+        self._tail = b""
+        end = len(buf)
+        for match in _PIECE.finditer(buf):
+            if match.end() == end:  # not terminated yet: wait for more bytes
+                piece = match.group()
+                if len(piece) > MAX_SENTENCE:
+                    self.counters["overlong"] += 1
+                    self._skipping = True
+                else:
+                    self._tail = piece
+                break
+            self._piece(match.group(), out)
+        return out
+
+    def flush(self) -> list[tuple[float, Fix]]:
+        """End of stream or a quiet line: complete the epoch being assembled (a partial line is kept)."""
+        out: list[tuple[float, Fix]] = []
+        self._complete(out)
+        return out
+
+    def feed_sentence(self, sentence: bytes) -> list[tuple[float, Fix]]:
+        """One complete sentence (without line ending); for callers that frame lines themselves."""
+        out: list[tuple[float, Fix]] = []
+        self._piece(sentence, out)
+        return out
+
+    # ---- framing ------------------------------------------------------------------------------
+
+    def _piece(self, piece: bytes, out: list) -> None:
+        piece = piece.rstrip(b" \t\x00")
+        if len(piece) > MAX_SENTENCE:
+            self.counters["overlong"] += 1
+            return
+        star = piece.rfind(b"*")
+        if star < 0:
+            if not self.allow_missing_checksum:
+                self.counters["missing_checksum" if len(piece) > 6 and b"," in piece else "garbage"] += 1
+                return
+            body = piece[1:]
+        else:
+            body = piece[1:star]
+            given = piece[star + 1:]
+            if len(given) != 2:
+                self.counters["garbage"] += 1
+                return
+            try:
+                expected = int(given, 16)
+            except ValueError:
+                self.counters["garbage"] += 1
+                return
+            if checksum(body) != expected:
+                self.counters["bad_checksum"] += 1
+                return
+        if body.translate(None, _PRINTABLE) or b"*" in body:
+            self.counters["garbage"] += 1
+            return
+        fields = body.decode("ascii").split(",")
+        address = fields[0]
+        if len(address) != 5 or address[0] == "P" or piece[:1] == b"!":
+            self.counters["ignored"] += 1  # proprietary, AIS encapsulation or unknown address
+            return
+        handler = self._handlers.get(address[2:])
+        if handler is None:
+            self.counters["ignored"] += 1
+            return
+        self.counters["sentences"] += 1
+        try:
+            handler(address[:2], fields, out)
+        except (IndexError, ValueError):
+            self.counters["unparsable"] += 1
+
+    # ---- epochs -------------------------------------------------------------------------------
+
+    def _epoch_for(self, kind: tuple[str, str], tod_ms: int | None, out: list) -> _Epoch:
+        """The epoch a sentence of ``kind`` with time of day ``tod_ms`` (None: untimed) belongs to."""
+        epoch = self._epoch
+        if tod_ms is not None:
+            self._advance_date(tod_ms)
+            if epoch is not None and (
+                (epoch.tod_ms is not None and epoch.tod_ms != tod_ms) or (kind in epoch.kinds and kind[1] not in _MULTI)
+            ):
+                self._complete(out)
+                epoch = None
+            if epoch is None:
+                epoch = self._epoch = _Epoch(tod_ms, None)
+            elif epoch.tod_ms is None:
+                epoch.tod_ms = tod_ms
+        elif epoch is None or (kind in epoch.kinds and kind[1] not in _MULTI):
+            self._complete(out)
+            epoch = self._epoch = _Epoch(None, None)
+        epoch.kinds.add(kind)
+        return epoch
+
+    def _advance_date(self, tod_ms: int) -> None:
+        # The time of day jumping back by more than half a day is midnight (gpsd moves the day when
+        # the hour decreases; a receiver stepping its clock back an hour is not a new day).
+        if self._last_tod is not None and self._date_ord is not None and tod_ms < self._last_tod - HALF_DAY_MS:
+            self._date_ord += 1
+        self._last_tod = tod_ms
+
+    def _set_date(self, epoch: _Epoch, date_ord: int) -> None:
+        epoch.date_ord = date_ord
+        self._date_ord = date_ord
+
+    def _complete(self, out: list) -> None:
+        epoch, self._epoch = self._epoch, None
+        if epoch is None or epoch.tod_ms is None:
+            return
+        self.counters["epochs"] += 1
+        if epoch.lat is None:
+            self.counters["no_position"] += 1
+            return
+        date_ord = epoch.date_ord if epoch.date_ord is not None else self._date_ord
+        if date_ord is not None:
+            utc_ms = (date_ord - _EPOCH_ORDINAL) * DAY_MS + epoch.tod_ms
+        elif self._reference_ms is not None:
+            # Nearest day to the trusted clock that has this time of day.
+            ref = self._reference_ms
+            utc_ms = ref - ref % DAY_MS + epoch.tod_ms
+            if utc_ms - ref > HALF_DAY_MS:
+                utc_ms -= DAY_MS
+            elif ref - utc_ms > HALF_DAY_MS:
+                utc_ms += DAY_MS
+        else:
+            self.counters["no_date"] += 1
+            return
+        if self.rollover_floor_utc is not None and utc_ms < self.rollover_floor_utc * 1000:
+            self.counters["rollover"] += 1
+            while utc_ms < self.rollover_floor_utc * 1000:
+                utc_ms += GPS_ROLLOVER_S * 1000
+        out.append((utc_ms / 1000.0, epoch.fix()))
+
+    # ---- sentences (fields[0] is the address; indices follow NMEA 0183 4.10) ----------------------
+
+    def _rmc(self, talker: str, f: list[str], out: list) -> None:
+        # RMC,hhmmss.ss,A,llll.ll,a,yyyyy.yy,a,x.x,x.x,ddmmyy,x.x,a,m[,s]
+        tod = _time_of_day_ms(f[1])
+        if tod is None:
+            self.counters["unparsable"] += 1
+            return
+        epoch = self._epoch_for((talker, "RMC"), tod, out)
+        status = f[2] or None
+        epoch.status = status
+        if len(f) > 12 and f[12]:
+            epoch.faa_mode = f[12][0]
+        if status in ("A", "D") and len(f[9]) == 6 and f[9].isdigit():
+            # Two-digit year: 2000-2079, else 1980-1999 (gpsd's window; GPS time began in 1980).
+            yy = int(f[9][4:6])
+            date_ord = _date_ordinal(int(f[9][0:2]), int(f[9][2:4]), 2000 + yy if yy < 80 else 1900 + yy)
+            if date_ord is not None:
+                self._set_date(epoch, date_ord)
+        epoch.set_position(_position(f, 3, _RANK_RMC))
+        speed = _float(f[7])
+        if speed is not None:
+            epoch.speed_mps = speed * KNOTS_TO_MPS
+        course = _float(f[8])
+        if course is not None:
+            epoch.course_deg = course
+
+    def _gga(self, talker: str, f: list[str], out: list) -> None:
+        # GGA,hhmmss.ss,llll.ll,a,yyyyy.yy,a,q,nn,h.h,alt,M,sep,M,age,station
+        tod = _time_of_day_ms(f[1])
+        if tod is None:
+            self.counters["unparsable"] += 1
+            return
+        epoch = self._epoch_for((talker, "GGA"), tod, out)
+        epoch.quality = _int(f[6])
+        epoch.set_position(_position(f, 2, _RANK_GGA))
+        epoch.sats_used = _int(f[7])
+        hdop = _float(f[8])
+        if hdop is not None and hdop < 99.0:  # 99.99 means "unknown" on several receivers
+            epoch.hdop = hdop
+        epoch.alt_m = _float(f[9])
+        epoch.geoid_sep_m = _float(f[11])
+
+    def _gns(self, talker: str, f: list[str], out: list) -> None:
+        # GNS,hhmmss.ss,llll.ll,a,yyyyy.yy,a,modes,nn,h.h,alt,sep,age,station[,navstatus]
+        tod = _time_of_day_ms(f[1])
+        if tod is None:
+            self.counters["unparsable"] += 1
+            return
+        epoch = self._epoch_for((talker, "GNS"), tod, out)
+        modes = f[6]
+        if modes:
+            epoch.faa_mode = "A" if "A" in modes[1:] and modes[0] == "N" else modes[0]
+            if epoch.quality is None:
+                epoch.quality = _FAA_QUALITY.get(epoch.faa_mode)
+        epoch.set_position(_position(f, 2, _RANK_GNS))
+        if epoch.sats_used is None:
+            epoch.sats_used = _int(f[7])
+        if epoch.hdop is None:
+            epoch.hdop = _float(f[8])
+        if epoch.alt_m is None:
+            epoch.alt_m = _float(f[9])
+        if epoch.geoid_sep_m is None:
+            epoch.geoid_sep_m = _float(f[10])
+
+    def _gll(self, talker: str, f: list[str], out: list) -> None:
+        # GLL,llll.ll,a,yyyyy.yy,a,hhmmss.ss,A[,m]
+        tod = _time_of_day_ms(f[5]) if len(f) > 5 else None
+        epoch = self._epoch_for((talker, "GLL"), tod, out)
+        status = f[6] if len(f) > 6 and f[6] else None
+        if epoch.status is None:
+            epoch.status = status
+        if len(f) > 7 and f[7] and epoch.faa_mode is None:
+            epoch.faa_mode = f[7][0]
+        if status == "A":
+            epoch.set_position(_position(f, 1, _RANK_GLL))
+
+    def _gsa(self, talker: str, f: list[str], out: list) -> None:
+        # GSA,M,mode,sv1..sv12,pdop,hdop,vdop[,systemid]
+        epoch = self._epoch_for((talker, "GSA"), None, out)
+        mode = _int(f[2])
+        if mode in (1, 2, 3):
+            epoch.mode = mode if epoch.mode is None else max(epoch.mode, mode)
+        system = f[18] if len(f) > 18 else ""
+        for sv in f[3:15]:
+            if sv:
+                epoch.gsa_sats.add((talker + system, sv))
+        pdop, hdop, vdop = _float(f[15]), _float(f[16]), _float(f[17])
+        if pdop is not None:
+            epoch.pdop = pdop
+        if hdop is not None and epoch.hdop is None:
+            epoch.hdop = hdop
+        if vdop is not None:
+            epoch.vdop = vdop
+
+    def _gsv(self, talker: str, f: list[str], out: list) -> None:
+        # GSV,total,number,in_view,{prn,elev,azim,snr}x(1..4)[,signalid]
+        epoch = self._epoch_for((talker, "GSV"), None, out)
+        for i in range(4, len(f) - 3, 4):
+            if f[i]:
+                epoch.gsv_sats.add((talker, f[i]))
+
+    def _vtg(self, talker: str, f: list[str], out: list) -> None:
+        # VTG,course,T,course_mag,M,knots,N,kmh,K[,mode]
+        epoch = self._epoch_for((talker, "VTG"), None, out)
+        if len(f) > 9 and f[9] and epoch.faa_mode is None:
+            epoch.faa_mode = f[9][0]
+        if epoch.course_deg is None:
+            epoch.course_deg = _float(f[1])
+        if epoch.speed_mps is None:
+            knots = _float(f[5])
+            if knots is not None:
+                epoch.speed_mps = knots * KNOTS_TO_MPS
+            else:
+                kmh = _float(f[7])
+                epoch.speed_mps = None if kmh is None else kmh * KMH_TO_MPS
+
+    def _gst(self, talker: str, f: list[str], out: list) -> None:
+        # GST,hhmmss.ss,rms,major,minor,orient,lat_sd,lon_sd,alt_sd (1-sigma, metres)
+        tod = _time_of_day_ms(f[1])
+        epoch = self._epoch_for((talker, "GST"), tod, out)
+        epoch.lat_err_m, epoch.lon_err_m, epoch.alt_err_m = _float(f[6]), _float(f[7]), _float(f[8])
+
+    def _zda(self, talker: str, f: list[str], out: list) -> None:
+        # ZDA,hhmmss.ss,dd,mm,yyyy,zh,zm
+        tod = _time_of_day_ms(f[1])
+        if tod is None or not (f[2] and f[3] and f[4]):
+            return  # receivers without lock send ZDA with empty fields
+        epoch = self._epoch_for((talker, "ZDA"), tod, out)
+        day, month, year = _int(f[2]), _int(f[3]), _int(f[4])
+        if day is not None and month is not None and year is not None and 1980 <= year <= 2200:
+            date_ord = _date_ordinal(day, month, year)
+            if date_ord is not None:
+                self._set_date(epoch, date_ord)
+
+
+def decode_file(
+    path: str | Path, allow_missing_checksum: bool = False, rollover_floor_utc: float | None = None
+) -> Iterator[tuple[float, Fix]]:
+    """Every fix of an NMEA capture, in order, with the capture's own dates; ``#`` lines are comments.
+
+    Raises OSError when the file cannot be read.
+    """
+    decoder = NmeaDecoder(allow_missing_checksum=allow_missing_checksum, rollover_floor_utc=rollover_floor_utc)
+    return iter_file(path, decoder)
+
+
+def iter_file(path: str | Path, decoder: NmeaDecoder) -> Iterator[tuple[float, Fix]]:
+    """Feed the capture at ``path`` through ``decoder`` (whose counters the caller may read afterwards)."""
+    with open(path, "rb") as stream:
+        for line in stream:
+            if line.startswith(b"#"):
+                continue
+            yield from decoder.feed(line)
+    yield from decoder.feed(b"\n")  # a last line without its line ending still counts
+    yield from decoder.flush()

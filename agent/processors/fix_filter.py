@@ -1,0 +1,109 @@
+"""Fix-quality filter: drop at the edge what a fleet server would otherwise have to clean up.
+
+A :class:`FixFilter` passes every record that is not a fix, and a fix only when the receiver says it
+is valid and it is plausible: enough satellites, a small enough HDOP, a time after the last accepted
+fix (not repeated: a frozen receiver repeats its time), no jump (implied speed from the last accepted
+fix beyond ``max_speed_mps``), and, when the wall clock is trusted, a time that is neither in the
+future nor far in the past. Every rejection is counted by reason in :attr:`FixFilter.counters`
+(read by the status output). Thresholds: the ``gps.filter`` section of the config.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+from agent.config import GpsFilterConfig
+from agent.decode.nmea import invalid_reason
+from agent.record import Fix, Record
+
+# Mean Earth radius (IUGG), metres: the equirectangular distance below is exact enough for jumps.
+EARTH_RADIUS_M = 6_371_008.8
+
+REASONS = (
+    "invalid_status", "invalid_quality", "invalid_mode", "invalid_faa", "hdop", "sats",
+    "future", "past", "duplicate", "frozen", "backwards", "jump",
+)
+
+
+def distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Approximate ground distance in metres (equirectangular; within 0.1% below 100 km)."""
+    phi = math.radians((lat1 + lat2) / 2.0)
+    dlon = (lon2 - lon1 + 180.0) % 360.0 - 180.0  # across the antimeridian the short way
+    x = math.radians(dlon) * math.cos(phi)
+    y = math.radians(lat2 - lat1)
+    return EARTH_RADIUS_M * math.hypot(x, y)
+
+
+class FixFilter:
+    """A :class:`agent.pipeline.Processor` for fixes; ``trusted_wall`` returns the wall time when the
+    host clock is trusted, else None (offline processing passes None: the capture's own clock)."""
+
+    def __init__(self, config: GpsFilterConfig, trusted_wall: Callable[[], float | None] | None = None) -> None:
+        self.config = config
+        self._trusted_wall = trusted_wall
+        self.counters: dict[str, int] = {"accepted": 0, **{reason: 0 for reason in REASONS}}
+        self._last: Record | None = None
+        self._jumps: list[Record] = []  # consecutive fixes rejected as jumps, for re-anchoring
+
+    def process(self, record: Record) -> Iterable[Record]:
+        """Pass ``record`` on, or nothing when it is a fix that fails a check."""
+        if not isinstance(record.data, Fix):
+            return (record,)
+        return (record,) if self.accept(record) else ()
+
+    def accept(self, record: Record) -> bool:
+        """Check one fix record; count and remember the outcome."""
+        reason = self._reason(record)
+        if reason is None:
+            self.counters["accepted"] += 1
+            self._last = record
+            self._jumps.clear()
+            return True
+        self.counters[reason] += 1
+        return False
+
+    def _reason(self, record: Record) -> str | None:
+        fix: Fix = record.data  # type: ignore[assignment]
+        cfg = self.config
+        reason = invalid_reason(fix)
+        if reason is not None:
+            return reason
+        if fix.hdop is not None and fix.hdop > cfg.max_hdop:
+            return "hdop"
+        if fix.sats_used is not None and fix.sats_used < cfg.min_sats:
+            return "sats"
+        now = self._trusted_wall() if self._trusted_wall is not None else None
+        if now is not None:
+            if record.utc > now + cfg.max_future_s:
+                return "future"
+            if record.utc < now - cfg.max_age_s:
+                return "past"
+        last = self._last
+        if last is None:
+            return None
+        prev: Fix = last.data  # type: ignore[assignment]
+        dt = record.utc - last.utc
+        if dt == 0:
+            return "duplicate" if (fix.lat, fix.lon) == (prev.lat, prev.lon) else "frozen"
+        if dt < 0:
+            return "backwards"
+        if distance_m(prev.lat, prev.lon, fix.lat, fix.lon) / dt > cfg.max_speed_mps:
+            return self._jump(record)
+        return None
+
+    def _jump(self, record: Record) -> str | None:
+        # A real relocation (a truck ferried or towed while the receiver was off) looks like a jump
+        # that the following fixes agree with: after `jump_reanchor` agreeing jumps, believe them.
+        fix: Fix = record.data  # type: ignore[assignment]
+        if self._jumps:
+            ref = self._jumps[-1]
+            ref_fix: Fix = ref.data  # type: ignore[assignment]
+            dt = record.utc - ref.utc
+            agrees = dt > 0 and distance_m(ref_fix.lat, ref_fix.lon, fix.lat, fix.lon) / dt <= self.config.max_speed_mps
+            if not agrees:
+                self._jumps.clear()
+        self._jumps.append(record)
+        if len(self._jumps) >= self.config.jump_reanchor:
+            return None
+        return "jump"
