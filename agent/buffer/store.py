@@ -133,6 +133,7 @@ class DurableBuffer:
         self._committed_next = self._live_from = stored_next
         self._cursor = {URGENT: 0, LIVE: stored_next, BACKLOG: 0}
         self._ensure_reserve(stored_next)
+        self.flush()  # a reset found above is reported durably before anything else happens
         log.info(
             "buffer %s open: %d records (%d bytes), next seq %d", self._path, self._depth, self._bytes, stored_next
         )
