@@ -12,6 +12,7 @@ COMMANDS = {
     "status": ("agent.commands.status", "show the running agent's status (GPS, CAN, buffer, broker, power)"),
     "decode-nmea": ("agent.commands.decode_nmea", "print every fix of an NMEA capture as JSON lines"),
     "decode-can": ("agent.commands.decode_can", "print every decoded signal, trouble code set and reassembled message of a CAN capture as JSON lines"),
+    "process": ("agent.commands.process", "run geofences, stops, trips and driving events on NMEA/CAN captures; print what would be buffered"),
 }
 
 

@@ -1,0 +1,108 @@
+"""Delivery stops: the truck stationary within ``radius_m`` for at least ``min_duration_s``.
+
+``stop_arrive`` carries the time and position of the first fix of the stop (the arrival), and is
+emitted once the stop lasted ``min_duration_s``; ``stop_depart`` carries the last fix inside the
+radius (the departure) and ``dwell_s``. Both name the customer-stop fence the stop is in
+(``geofence_id``) when there is one. A departure needs the truck outside the radius and moving, or
+outside on two fixes in a row, so one GPS outlier does not split a stop. A truck that has not moved
+since the agent first started is parked, not at a stop. A stop in progress survives a restart
+(``<data_dir>/edge-stops.json``): no second arrival, and the dwell counts from the real arrival.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+from agent.config import StopsConfig
+from agent.geo import haversine_m
+from agent.processors.state import StateFile
+from agent.record import Event, Fix, Record
+
+log = logging.getLogger(__name__)
+
+# Doppler speed above which a fix outside the radius is a departure at once (m/s).
+_DEPART_SPEED_MPS = 1.0
+
+Locate = Callable[[float, float], "str | None"]
+
+
+class StopDetector:
+    """Emits stop_arrive and stop_depart; ``locate(lat, lon)`` names the customer stop fence, if any."""
+
+    def __init__(self, config: StopsConfig, data_dir: str | Path | None, locate: Locate | None = None) -> None:
+        self.config = config
+        self._locate = locate
+        self._state_file = StateFile(data_dir, "edge-stops")
+        saved = self._state_file.load()
+        self._moved = bool(saved.get("moved", False))
+        stop = saved.get("stop")
+        # The candidate stop: its first fix (utc, lat, lon), the last fix inside the radius, and
+        # whether its arrival was announced.
+        self._anchor: tuple[float, float, float] | None = tuple(stop["anchor"]) if stop else None
+        self._last_still: float | None = stop.get("last_still") if stop else None
+        self._arrived = bool(stop and stop.get("arrived"))
+        self._geofence_id: str | None = stop.get("geofence_id") if stop else None
+        self._outside = 0
+
+    def process(self, record: Record) -> list[Record]:
+        fix = record.data
+        if not isinstance(fix, Fix):
+            return [record]
+        return [*self._on_fix(record, fix), record]
+
+    def _on_fix(self, record: Record, fix: Fix) -> list[Record]:
+        utc = record.utc
+        if self._anchor is None:
+            self._start(utc, fix)
+            return []
+        t0, lat0, lon0 = self._anchor
+        if haversine_m(lat0, lon0, fix.lat, fix.lon) <= self.config.radius_m:
+            self._outside = 0
+            first_still = self._last_still is None
+            self._last_still = utc
+            if first_still:
+                self._save()  # a stationary candidate: worth remembering across a restart
+            if not self._arrived and self._moved and utc - t0 >= self.config.min_duration_s:
+                self._arrived = True
+                self._geofence_id = self._locate(lat0, lon0) if self._locate else None
+                self._save()
+                log.info("stop at %.5f,%.5f since %.0f (fence %s)", lat0, lon0, t0, self._geofence_id)
+                return [self._event(t0, record.mono, "stop_arrive", lat0, lon0)]
+            return []
+        self._outside += 1
+        moving = fix.speed_mps is None or fix.speed_mps >= _DEPART_SPEED_MPS
+        if not (moving or self._outside >= 2):
+            return []
+        events = []
+        if self._arrived:
+            left = self._last_still if self._last_still is not None else t0
+            events.append(self._event(left, record.mono, "stop_depart", lat0, lon0, dwell_s=round(left - t0, 1)))
+            log.info("left the stop at %.5f,%.5f after %.0f s", lat0, lon0, left - t0)
+        self._moved = True
+        self._start(utc, fix)
+        return events
+
+    def _start(self, utc: float, fix: Fix) -> None:
+        """A new candidate stop at this fix."""
+        self._anchor = (utc, fix.lat, fix.lon)
+        self._last_still = None
+        self._arrived = False
+        self._geofence_id = None
+        self._outside = 0
+        self._save()
+
+    def _event(self, utc: float, mono: float, etype: str, lat: float, lon: float, **attrs) -> Record:
+        if self._geofence_id is not None:
+            attrs["geofence_id"] = self._geofence_id
+        return Record(utc=utc, mono=mono, data=Event(type=etype, lat=lat, lon=lon, attrs=attrs))
+
+    def _save(self) -> None:
+        # Only a stationary candidate is kept: while driving the anchor moves with every fix, and
+        # the state on disk stays the same.
+        stop = None
+        if self._anchor is not None and self._last_still is not None:
+            stop = {"anchor": list(self._anchor), "last_still": self._last_still if self._arrived else self._anchor[0],
+                    "arrived": self._arrived, "geofence_id": self._geofence_id}
+        self._state_file.save({"moved": self._moved, "stop": stop})
