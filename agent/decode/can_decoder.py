@@ -36,8 +36,14 @@ class Decoded(NamedTuple):
 
 
 def vin_of(data: bytes) -> str:
-    """The VIN of a PGN 65260 payload: ASCII up to the "*" delimiter (J1939-71 SPN 237)."""
-    return data.split(b"*", 1)[0].decode("ascii", "replace").strip("\x00 \xff")
+    """The VIN of a PGN 65260 payload: the letters and digits before the "*" delimiter (J1939-71 SPN 237).
+
+    Some ECUs send no delimiter and pad with other bytes: the VIN ends at the first byte that is
+    not an ASCII letter or digit.
+    """
+    text = data.split(b"*", 1)[0]
+    end = next((i for i, b in enumerate(text) if not (48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122)), len(text))
+    return text[:end].decode("ascii")
 
 
 class FrameDecoder:
@@ -130,17 +136,7 @@ class FrameDecoder:
         payload = isotp.feed(clock, can_id, data)
         if payload is None:
             return []
-        out = []
-        for item in obd.decode_answer(payload):
-            if item.service == obd.SERVICE_DTCS:
-                ecu = obd.ecu_of(can_id, extended)
-                value: object = DtcSet("obd2", bus, ecu, tuple(item.value))
-                kind = "dtcs"
-            else:
-                value = item.value
-                kind = "vin" if item.name == "VIN" else "signal"
-            out.append(Decoded(t, bus, can_id, extended, None, None, item.pid, item.name, value, item.unit, kind))
-        return out
+        return obd_items(t, bus, can_id, extended, obd.decode_answer(payload))
 
     def expire(self, now: float) -> None:
         """Time out TP sessions and ISO-TP messages that went quiet before ``now``."""
@@ -148,3 +144,17 @@ class FrameDecoder:
             reassembler.expire(now)
         for isotp in self._isotp.values():
             isotp.expire(now)
+
+
+def obd_items(t: float | None, bus: str | None, can_id: int, extended: bool, values: list[obd.ObdValue]) -> list[Decoded]:
+    """Decoded items of one OBD-II answer from ``can_id`` (the passive decoder's and the poller's)."""
+    out = []
+    for item in values:
+        if item.service == obd.SERVICE_DTCS:
+            value: object = DtcSet("obd2", bus, obd.ecu_of(can_id, extended), tuple(item.value))
+            kind = "dtcs"
+        else:
+            value = item.value
+            kind = "vin" if item.name == "VIN" else "signal"
+        out.append(Decoded(t, bus, can_id, extended, None, None, item.pid, item.name, value, item.unit, kind))
+    return out

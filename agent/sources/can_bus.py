@@ -1,0 +1,231 @@
+"""The CAN source: one python-can bus, decoded and sampled in its own thread, reopened when it fails.
+
+Frames are decoded where they are received (no hand-off per frame between threads); only the
+sampled records go to the pipeline. Listen-only is the default and is enforced where the
+controller is opened: slcan adapters get ``L``, socketcan relies on systemd-networkd's
+``ListenOnly=yes`` (firmware_config/80-can0.network), and an interface that cannot be opened
+listen-only is refused unless the vehicle's config sets ``can.allow_transmit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import can
+
+from agent.clock import Clock
+from agent.config import CanBusConfig, CanConfig
+from agent.decode import obd
+from agent.decode.can_decoder import obd_items
+from agent.decode.j1939 import J1939Database
+from agent.pipeline import Emit
+from agent.record import Record
+from agent.sources.can_sampling import CanSampler
+
+log = logging.getLogger(__name__)
+
+# How each python-can interface is told to open its controller listen-only. socketcan's mode is
+# the kernel's (ip link / networkd); virtual buses have no controller to disturb.
+LISTEN_ONLY_ARGS: dict[str, dict[str, object]] = {
+    "slcan_buffered": {"listen_only": True},
+    "slcan": {"listen_only": True},
+    "socketcan": {},
+    "virtual": {},
+}
+TRANSMIT_ARGS: dict[str, dict[str, object]] = {"slcan_buffered": {"listen_only": False}, "slcan": {"listen_only": False}}
+# Interfaces whose bit rate the agent sets (socketcan's is networkd's).
+SETS_BITRATE = frozenset(("slcan_buffered", "slcan"))
+# Bit rates tried, most common first, when bitrate is 0 (J1939-11/-14: 250k/500k; ISO 15765-4: 500k/250k).
+DETECT_BITRATES = (250000, 500000, 125000, 1000000)
+DETECT_WINDOW_S = 1.0
+# SocketCAN error frame classes (linux/can/error.h): controller problems, bus-off.
+CAN_ERR_CRTL = 0x04
+CAN_ERR_BUSOFF = 0x40
+CAN_ERR_RESTARTED = 0x100
+# Frames drained per batch before the records go out and the OBD-II schedule is looked at.
+BATCH = 256
+
+
+class CanSource:
+    """A Source (agent/pipeline.py) for one bus of ``config.buses`` (the first by default)."""
+
+    def __init__(self, config: CanConfig, clock: Clock, bus: CanBusConfig | None = None,
+                 db: J1939Database | None = None) -> None:
+        self.config = config
+        self.bus_config = bus or config.buses[0]
+        self.clock = clock
+        self.name = f"can:{self.bus_config.name}"
+        interface = self.bus_config.interface
+        if not config.allow_transmit and interface not in LISTEN_ONLY_ARGS:
+            raise ValueError(
+                f"can bus {self.bus_config.name}: the agent cannot open interface {interface!r} listen-only; "
+                "use socketcan or slcan_buffered, or set can.allow_transmit: true if this vehicle allows it")
+        self.db = db if db is not None else J1939Database.load(config.dbc)
+        self.polling = self.bus_config.protocol == "obd2" and config.allow_transmit
+        if self.bus_config.protocol == "obd2" and not config.allow_transmit:
+            log.warning("%s: obd2 without can.allow_transmit: only listening to another tester's answers", self.name)
+        self.sampler = CanSampler(self.db, config.signals, self.bus_config.name, mono=self._mono,
+                                  obd_answers=not self.polling)
+        self.poller: obd.ObdPoller | None = None
+        self._counts = {"frames": 0, "error_frames": 0, "bus_off": 0, "records": 0, "opens": 0, "failures": 0,
+                        "sent": 0}
+        self.state = "closed"  # closed, up, bus_off, down
+        self.bitrate: int | None = self.bus_config.bitrate or None
+
+    def _mono(self, t: float) -> float:
+        return self.clock.monotonic() - (self.clock.wall() - t)
+
+    def stats(self) -> dict[str, object]:
+        """Counters for the status command."""
+        tp = self.sampler.decoder.tp(self.bus_config.name)
+        out: dict[str, object] = dict(self._counts, state=self.state, bitrate=self.bitrate,
+                                      tp_completed=tp.completed, tp_dropped=tp.dropped)
+        if self.poller is not None:
+            out["obd_polled_pids"] = sorted(self.poller.schedule)
+            out["obd_dropped_pids"] = sorted(self.poller.dropped_pids)
+        return out
+
+    # -- opening -------------------------------------------------------------------------------------
+
+    def _open(self, bitrate: int | None) -> can.BusABC:
+        cfg = self.bus_config
+        kwargs: dict[str, object] = dict(cfg.options)
+        kwargs.update(TRANSMIT_ARGS.get(cfg.interface, {}) if self.config.allow_transmit
+                      else LISTEN_ONLY_ARGS[cfg.interface])
+        if bitrate and cfg.interface in SETS_BITRATE:
+            kwargs["bitrate"] = bitrate
+        # receive_own_messages off: the OBD-II poller must not read its own requests back.
+        return can.Bus(interface=cfg.interface, channel=cfg.channel, **kwargs)
+
+    def _detect_bitrate(self, stop: threading.Event) -> int | None:
+        """Listen at each candidate rate until a valid frame arrives; None if none did."""
+        for candidate in DETECT_BITRATES:
+            if stop.is_set():
+                return None
+            bus = self._open(candidate)
+            try:
+                deadline = time.monotonic() + DETECT_WINDOW_S
+                while time.monotonic() < deadline:
+                    msg = bus.recv(timeout=0.1)
+                    if msg is not None and not msg.is_error_frame:
+                        log.info("%s: bit rate detected: %d bit/s", self.name, candidate)
+                        return candidate
+            finally:
+                bus.shutdown()
+        return None
+
+    # -- running -------------------------------------------------------------------------------------
+
+    def run(self, emit: Emit, stop: threading.Event) -> None:
+        """Receive until ``stop``; reopen after ``reopen_interval_s`` whenever the bus fails."""
+        cfg = self.bus_config
+        while not stop.is_set():
+            try:
+                if self.bitrate is None and cfg.interface in SETS_BITRATE:
+                    self.bitrate = self._detect_bitrate(stop)
+                    if self.bitrate is None:
+                        raise can.CanOperationError("no frames at any bit rate")
+                bus = self._open(self.bitrate)
+            except (can.CanError, OSError, ValueError) as exc:
+                self._failed("cannot open", exc)
+                stop.wait(cfg.reopen_interval_s)
+                continue
+            self._counts["opens"] += 1
+            self._set_state("up")
+            if self.polling:
+                self.poller = obd.ObdPoller(
+                    wanted={pid: self.config.obd.period_s for pid in self.config.obd.pids},
+                    extended=self.config.obd.extended_ids, timeout_s=self.config.obd.timeout_s,
+                    max_misses=self.config.obd.max_misses, default_period_s=self.config.obd.period_s,
+                    read_dtcs_every_s=self.config.obd.dtc_period_s)
+            try:
+                self._pump(bus, emit, stop)
+            except (can.CanError, OSError, ValueError) as exc:
+                self._failed("lost", exc)
+            finally:
+                try:
+                    bus.shutdown()
+                except (can.CanError, OSError):
+                    pass  # the device is already gone
+            if not stop.is_set():
+                stop.wait(cfg.reopen_interval_s)
+        self._emit(emit, self.sampler.tick(self.clock.wall()))
+        self._set_state("closed")
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self._counts["failures"] += 1
+        if self.state != "down":
+            log.warning("%s: bus %s (%s): %s; retrying every %.1f s", self.name, what, self.bus_config.channel,
+                        exc, self.bus_config.reopen_interval_s)
+        self._set_state("down")
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            if state in ("up", "bus_off") or self.state == "bus_off":
+                log.info("%s: bus %s -> %s", self.name, self.state, state)
+            self.state = state
+
+    def _pump(self, bus: can.BusABC, emit: Emit, stop: threading.Event) -> None:
+        feed = self.sampler.feed
+        counts = self._counts
+        next_tick = 0.0
+        timeout = 0.01 if self.polling else 0.2
+        while not stop.is_set():
+            out: list[Record] = []
+            msg = bus.recv(timeout=timeout)
+            n = 0
+            while msg is not None:
+                n += 1
+                if msg.is_error_frame:
+                    self._error_frame(msg)
+                elif not msg.is_remote_frame:
+                    if self.state == "bus_off":
+                        self._set_state("up")
+                    if self.poller is not None and obd.is_response_id(msg.arbitration_id, msg.is_extended_id):
+                        out += self._obd_answer(bus, msg)
+                    else:
+                        out += feed(msg.timestamp, msg.arbitration_id, msg.is_extended_id, bytes(msg.data))
+                if n >= BATCH:
+                    break
+                msg = bus.recv(timeout=0)
+            counts["frames"] += n
+            now = self.clock.wall()
+            if now >= next_tick:
+                out += self.sampler.tick(now)
+                next_tick = now + 1.0
+            if self.poller is not None:
+                self._poll(bus)
+            self._emit(emit, out)
+
+    def _error_frame(self, msg: can.Message) -> None:
+        self._counts["error_frames"] += 1
+        if msg.arbitration_id & CAN_ERR_BUSOFF:
+            self._counts["bus_off"] += 1
+            self._set_state("bus_off")
+        elif msg.arbitration_id & CAN_ERR_RESTARTED:
+            self._set_state("up")
+
+    def _obd_answer(self, bus: can.BusABC, msg: can.Message) -> list[Record]:
+        values, flow_control = self.poller.feed(msg.timestamp, msg.arbitration_id, bytes(msg.data))
+        if flow_control is not None:
+            self._send(bus, obd.request_id_for(msg.arbitration_id, msg.is_extended_id), msg.is_extended_id,
+                       flow_control)
+        return self.sampler.offer(obd_items(msg.timestamp, self.bus_config.name, msg.arbitration_id,
+                                            msg.is_extended_id, values))
+
+    def _poll(self, bus: can.BusABC) -> None:
+        request = self.poller.next_request(self.clock.monotonic())
+        if request is not None:
+            can_id, data = request
+            self._send(bus, can_id, self.config.obd.extended_ids, data)
+
+    def _send(self, bus: can.BusABC, can_id: int, extended: bool, data: bytes) -> None:
+        bus.send(can.Message(arbitration_id=can_id, is_extended_id=extended, data=data), timeout=0.1)
+        self._counts["sent"] += 1
+
+    def _emit(self, emit: Emit, records: list[Record]) -> None:
+        self._counts["records"] += len(records)
+        for record in records:
+            emit(record)
