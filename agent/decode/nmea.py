@@ -51,8 +51,6 @@ _PRINTABLE = bytes(range(0x20, 0x7F))
 _FAA_QUALITY = {"N": 0, "A": 1, "D": 2, "P": 3, "R": 4, "F": 5, "E": 6, "M": 7, "S": 8}
 # Which sentence's position an epoch keeps when they disagree and are equally precise.
 _RANK_RMC, _RANK_GNS, _RANK_GGA, _RANK_GLL = 1, 2, 3, 4
-# Sentences that may repeat within one epoch (one per constellation, or several parts).
-_MULTI = frozenset({"GSA", "GSV"})
 
 
 def checksum(body: bytes) -> int:
@@ -296,10 +294,11 @@ class NmeaDecoder:
             return
         fields = body.decode("ascii").split(",")
         address = fields[0]
-        if len(address) != 5 or address[0] == "P" or piece[:1] == b"!":
-            self.counters["ignored"] += 1  # proprietary, AIS encapsulation or unknown address
-            return
-        handler = self._handlers.get(address[2:])
+        # Proprietary ($P...), AIS encapsulation (!) and unknown sentences are skipped; Quectel's
+        # "PQ" talker sends standard sentences (PQGSV) next to its proprietary ones (PQVERNO).
+        handler = self._handlers.get(address[2:]) if len(address) == 5 and piece[:1] == b"$" else None
+        if address[0] == "P" and address[1] != "Q":
+            handler = None
         if handler is None:
             self.counters["ignored"] += 1
             return
@@ -312,12 +311,17 @@ class NmeaDecoder:
     # ---- epochs -------------------------------------------------------------------------------
 
     def _epoch_for(self, kind: tuple[str, str], tod_ms: int | None, out: list) -> _Epoch:
-        """The epoch a sentence of ``kind`` with time of day ``tod_ms`` (None: untimed) belongs to."""
+        """The epoch a sentence of ``kind`` with time of day ``tod_ms`` (None: untimed) belongs to.
+
+        A timed sentence kind (RMC, GGA, ...) seen again with the same time is a new epoch of a
+        receiver repeating its time; an untimed one (VTG, GSA) seen again is merged (multiplexers
+        duplicate sentences).
+        """
         epoch = self._epoch
         if tod_ms is not None:
             self._advance_date(tod_ms)
             if epoch is not None and (
-                (epoch.tod_ms is not None and epoch.tod_ms != tod_ms) or (kind in epoch.kinds and kind[1] not in _MULTI)
+                (epoch.tod_ms is not None and epoch.tod_ms != tod_ms) or kind in epoch.kinds
             ):
                 self._complete(out)
                 epoch = None
@@ -325,8 +329,7 @@ class NmeaDecoder:
                 epoch = self._epoch = _Epoch(tod_ms, None)
             elif epoch.tod_ms is None:
                 epoch.tod_ms = tod_ms
-        elif epoch is None or (kind in epoch.kinds and kind[1] not in _MULTI):
-            self._complete(out)
+        elif epoch is None:
             epoch = self._epoch = _Epoch(None, None)
         epoch.kinds.add(kind)
         return epoch
