@@ -9,6 +9,7 @@ from agent.cli_base import dispatch
 COMMANDS = {
     "replay": ("sim.replay", "replay an NMEA capture into a pseudo-terminal at its recorded pace"),
     "demo": ("sim.demo", "replay the bundled drive through the agent and the collector, then summarise"),
+    "generate": ("sim.generate", "generate a delivery drive: NMEA, candump, geofences and the ground truth"),
 }
 
 
