@@ -296,9 +296,9 @@ class NmeaDecoder:
         address = fields[0]
         # Proprietary ($P...), AIS encapsulation (!) and unknown sentences are skipped; Quectel's
         # "PQ" talker sends standard sentences (PQGSV) next to its proprietary ones (PQVERNO).
-        handler = self._handlers.get(address[2:]) if len(address) == 5 and piece[:1] == b"$" else None
-        if address[0] == "P" and address[1] != "Q":
-            handler = None
+        handler = None
+        if len(address) == 5 and piece[:1] == b"$" and (address[0] != "P" or address[1] == "Q"):
+            handler = self._handlers.get(address[2:])
         if handler is None:
             self.counters["ignored"] += 1
             return
