@@ -12,8 +12,10 @@ one more :func:`register` call; the publisher and the collector never name a for
 from __future__ import annotations
 
 from agent.wire.codec import Batch, Codec, WireError, codecs, decode_batch, encode_batch, register
+from agent.wire import columnar as _columnar
 from agent.wire import v1_json as _v1_json
 
 register(_v1_json.CODEC)
+register(_columnar.CODEC)  # v2: docs/wire-format.md, "Format v2"
 
 __all__ = ["Batch", "Codec", "WireError", "codecs", "decode_batch", "encode_batch", "register"]
