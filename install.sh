@@ -139,7 +139,10 @@ install_venv() {
     local py="$ROOT$VENV/bin/python"
     if [ ! -x "$py" ]; then
         say "creating the virtual environment $VENV"
-        run "$PYTHON" -m venv "$ROOT$VENV"
+        # System packages stay visible for the GPIO backend: Raspberry Pi OS ships python3-lgpio,
+        # which gpiozero needs on a Pi and which PyPI has no aarch64 wheel of. Packages installed
+        # into the venv take precedence over the system's.
+        run "$PYTHON" -m venv --system-site-packages "$ROOT$VENV"
     fi
     if [ -n "$WHEELHOUSE" ]; then
         say "installing telematics-agent from the wheelhouse $WHEELHOUSE (no network)"
