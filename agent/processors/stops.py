@@ -1,8 +1,8 @@
 """Delivery stops: the truck stationary within ``radius_m`` for at least ``min_duration_s``.
 
-``stop_arrive`` carries the time and position of the first fix of the stop (the arrival), and is
-emitted once the stop lasted ``min_duration_s``; ``stop_depart`` carries the last fix inside the
-radius (the departure) and ``dwell_s``. Both name the customer-stop fence the stop is in
+``stop_arrive`` carries the time and position of the stop's first fix slower than 1 m/s (the
+arrival), and is emitted once the stop lasted ``min_duration_s``; ``stop_depart`` carries the time
+of its last slow fix inside the radius (the departure) and ``dwell_s``. Both name the customer-stop fence the stop is in
 (``geofence_id``) when there is one. A departure needs the truck outside the radius and moving, or
 outside on two fixes in a row, so one GPS outlier does not split a stop. A truck that has not moved
 since the agent first started is parked, not at a stop. A stop in progress survives a restart
@@ -37,13 +37,14 @@ class StopDetector:
         self._state_file = StateFile(data_dir, "edge-stops")
         saved = self._state_file.load()
         self._moved = bool(saved.get("moved", False))
-        stop = saved.get("stop")
-        # The candidate stop: its first fix (utc, lat, lon), the last fix inside the radius, and
-        # whether its arrival was announced.
+        stop = saved.get("stop") or {}
+        # The candidate stop: its first fix (utc, lat, lon) for the radius, its first fix slower than
+        # a crawl (the arrival), the last such fix (the departure, so far), whether it was announced.
         self._anchor: tuple[float, float, float] | None = tuple(stop["anchor"]) if stop else None
-        self._last_still: float | None = stop.get("last_still") if stop else None
-        self._arrived = bool(stop and stop.get("arrived"))
-        self._geofence_id: str | None = stop.get("geofence_id") if stop else None
+        self._arrival: tuple[float, float, float] | None = tuple(stop["arrival"]) if stop else None
+        self._last_still: float | None = stop.get("last_still")
+        self._arrived = bool(stop.get("arrived"))
+        self._geofence_id: str | None = stop.get("geofence_id")
         self._outside = 0
 
     def process(self, record: Record) -> list[Record]:
@@ -57,29 +58,33 @@ class StopDetector:
         if self._anchor is None:
             self._start(utc, fix)
             return []
-        t0, lat0, lon0 = self._anchor
+        _, lat0, lon0 = self._anchor
+        slow = fix.speed_mps is None or fix.speed_mps < _DEPART_SPEED_MPS
         if haversine_m(lat0, lon0, fix.lat, fix.lon) <= self.config.radius_m:
             self._outside = 0
-            first_still = self._last_still is None
+            if not slow:
+                return []
             self._last_still = utc
-            if first_still:
+            if self._arrival is None:
+                self._arrival = (utc, fix.lat, fix.lon)
                 self._save()  # a stationary candidate: worth remembering across a restart
+            t0, lat1, lon1 = self._arrival
             if not self._arrived and self._moved and utc - t0 >= self.config.min_duration_s:
                 self._arrived = True
-                self._geofence_id = self._locate(lat0, lon0) if self._locate else None
+                self._geofence_id = self._locate(lat1, lon1) if self._locate else None
                 self._save()
-                log.info("stop at %.5f,%.5f since %.0f (fence %s)", lat0, lon0, t0, self._geofence_id)
-                return [self._event(t0, record.mono, "stop_arrive", lat0, lon0)]
+                log.info("stop at %.5f,%.5f since %.0f (fence %s)", lat1, lon1, t0, self._geofence_id)
+                return [self._event(t0, record.mono, "stop_arrive", lat1, lon1)]
             return []
         self._outside += 1
-        moving = fix.speed_mps is None or fix.speed_mps >= _DEPART_SPEED_MPS
-        if not (moving or self._outside >= 2):
+        if slow and self._outside < 2:
             return []
         events = []
         if self._arrived:
+            t0, lat1, lon1 = self._arrival
             left = self._last_still if self._last_still is not None else t0
-            events.append(self._event(left, record.mono, "stop_depart", lat0, lon0, dwell_s=round(left - t0, 1)))
-            log.info("left the stop at %.5f,%.5f after %.0f s", lat0, lon0, left - t0)
+            events.append(self._event(left, record.mono, "stop_depart", lat1, lon1, dwell_s=round(left - t0, 1)))
+            log.info("left the stop at %.5f,%.5f after %.0f s", lat1, lon1, left - t0)
         self._moved = True
         self._start(utc, fix)
         return events
@@ -87,6 +92,7 @@ class StopDetector:
     def _start(self, utc: float, fix: Fix) -> None:
         """A new candidate stop at this fix."""
         self._anchor = (utc, fix.lat, fix.lon)
+        self._arrival = None
         self._last_still = None
         self._arrived = False
         self._geofence_id = None
@@ -100,9 +106,9 @@ class StopDetector:
 
     def _save(self) -> None:
         # Only a stationary candidate is kept: while driving the anchor moves with every fix, and
-        # the state on disk stays the same.
+        # the state on disk stays the same. The departure so far is saved at the arrival.
         stop = None
-        if self._anchor is not None and self._last_still is not None:
-            stop = {"anchor": list(self._anchor), "last_still": self._last_still if self._arrived else self._anchor[0],
+        if self._anchor is not None and self._arrival is not None:
+            stop = {"anchor": list(self._anchor), "arrival": list(self._arrival), "last_still": self._last_still,
                     "arrived": self._arrived, "geofence_id": self._geofence_id}
         self._state_file.save({"moved": self._moved, "stop": stop})

@@ -12,8 +12,9 @@ ENGINE_SPEED_RPM = frozenset({"EngineSpeed", "EngineRPM", "engine_speed_rpm"})  
 WHEEL_SPEED_KMH = frozenset({"WheelBasedVehicleSpeed", "VehicleSpeed", "wheel_speed_kmh"})  # SPN 84; PID 0x0D
 FUEL_RATE_LPH = frozenset({"EngineFuelRate", "fuel_rate_lph"})  # SPN 183; PID 0x5E
 
-# A gap in a signal longer than this is not integrated over (fuel used): the value is unknown there.
-MAX_INTEGRATION_GAP_S = 5.0
+# A fuel rate is used for this long after its last sample, no longer (the CAN sampler's default
+# for the fuel rate is a 10 s mean): beyond that the rate is unknown and nothing is counted.
+MAX_RATE_AGE_S = 30.0
 
 
 def signal_value(record: Record, names: frozenset[str]) -> float | None:
@@ -37,18 +38,22 @@ class FuelMeter:
 
     def __init__(self) -> None:
         self.rate_lph: float | None = None
-        self._at: float | None = None
+        self._sampled: float | None = None  # utc of the rate's last sample
+        self._at: float | None = None  # utc integrated up to
         self.seen = False
 
     def update(self, utc: float, record: Record) -> float:
-        """Litres used since the previous record (0 without a known rate); call for every record."""
+        """Litres used since the previous record (0 without a fresh rate); call for every record."""
         used = 0.0
-        if self.rate_lph is not None and self._at is not None and 0 < utc - self._at <= MAX_INTEGRATION_GAP_S:
-            used = self.rate_lph * (utc - self._at) / 3600.0
-        if self._at is None or utc >= self._at:
+        if self.rate_lph is not None and self._at is not None and self._sampled is not None:
+            until = min(utc, self._sampled + MAX_RATE_AGE_S)
+            if until > self._at:
+                used = self.rate_lph * (until - self._at) / 3600.0
+        if self._at is None or utc > self._at:
             self._at = utc
         data = record.data
         if isinstance(data, Signal) and data.name in FUEL_RATE_LPH:
             self.rate_lph = data.value
+            self._sampled = utc
             self.seen = self.seen or data.value is not None
         return used
