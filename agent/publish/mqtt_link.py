@@ -38,12 +38,14 @@ from agent.wire.codec import FORMAT_NAME
 log = logging.getLogger(__name__)
 
 WIRE_VERSION = 1
-# Longest wait for the broker's CONNACK after the TCP (and TLS) connection is up.
+# Longest wait for the broker's CONNACK after the TCP (and TLS) connection is up (or keepalive_s if shorter).
 CONNACK_TIMEOUT_S = 10.0
 # paho's network loop blocks at most this long, so new batches go out within it.
 LOOP_TIMEOUT_S = 0.05
 # MQTT 5 reason code 0x84 "Unsupported Protocol Version" (MQTT 5.0 section 3.2.2.2).
 UNSUPPORTED_PROTOCOL = 0x84
+# MQTT 5 reason code 0x8D "Keep Alive timeout" (section 3.14.2.1); paho reports its own timeout with it.
+KEEPALIVE_TIMEOUT = 0x8D
 # Messages other modules queue while the window is full; beyond this, publish_message fails.
 MAX_QUEUED_MESSAGES = 1000
 
@@ -220,7 +222,7 @@ class MqttLink:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(LinkDown),
             wait=tenacity.wait_exponential_jitter(
-                initial=self._config.reconnect_min_s, max=self._config.reconnect_max_s, jitter=self._config.reconnect_min_s
+                multiplier=self._config.reconnect_min_s, max=self._config.reconnect_max_s, jitter=self._config.reconnect_min_s
             ),
             stop=tenacity.stop_when_event_set(stop),
             sleep=stop.wait,
@@ -263,7 +265,8 @@ class MqttLink:
             client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s, **self._connect_kwargs())
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise LinkDown(_describe_socket_error(exc)) from exc
-        deadline = self._clock.monotonic() + CONNACK_TIMEOUT_S
+        connack_timeout = min(CONNACK_TIMEOUT_S, float(cfg.keepalive_s))
+        deadline = self._clock.monotonic() + connack_timeout
         while not self._connected.is_set():
             rc = client.loop(timeout=0.1)
             if self._connack_refused:
@@ -277,7 +280,7 @@ class MqttLink:
                     detail += " (trying MQTT 3.1.1 next)"
                 raise LinkDown(detail)
             if self._clock.monotonic() > deadline:
-                raise LinkDown(f"no CONNACK within {CONNACK_TIMEOUT_S:g} s")
+                raise LinkDown(f"no answer to CONNECT within {connack_timeout:g} s")
         return client
 
     def _connect_kwargs(self) -> dict:
@@ -401,7 +404,7 @@ class MqttLink:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         if self._session_error is None:
-            if reason_code.value == MQTTErrorCode.MQTT_ERR_KEEPALIVE:
+            if reason_code.value == KEEPALIVE_TIMEOUT:
                 self._session_error = f"no answer within the keepalive ({self._config.keepalive_s} s): a silent link"
             else:
                 self._session_error = self._paho_error or str(reason_code)

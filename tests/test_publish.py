@@ -1,0 +1,270 @@
+"""The MQTT link with a real Mosquitto and the real collector: exactly once through outages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from conftest import MosquittoBroker, free_port, wait_until
+from transport_helpers import Device, SilentProxy, assert_exactly_once_in_order, count
+
+LOG = "agent.publish.mqtt_link"
+
+
+@pytest.fixture
+def device(data_dir, mosquitto):
+    dev = Device(data_dir, mosquitto.port)
+    yield dev
+    dev.stop()
+
+
+def wait_stored(collector, n: int, timeout: float = 20.0) -> None:
+    wait_until(lambda: count(collector.db_path) >= n, timeout, message=f"{n} records in the collector")
+
+
+def wait_empty(device: Device, timeout: float = 20.0) -> None:
+    wait_until(lambda: device.buffer.stats()["depth"] == 0 and device.buffer.stats()["pending"] == 0, timeout,
+               message="the device's buffer to be confirmed empty")
+
+
+def test_every_record_arrives_exactly_once_and_leaves_the_buffer_on_ack(device, collector_sqlite):
+    device.start()
+    for _ in range(20):
+        device.drive(50)
+        time.sleep(0.02)
+    wait_stored(collector_sqlite, len(device.appended))
+    wait_empty(device)
+    assert_exactly_once_in_order(collector_sqlite.db_path, device.appended)
+    stats = device.link.stats()
+    assert stats["connected"] and stats["protocol"] == "5" and stats["published_records"] >= len(device.appended)
+    assert collector_sqlite.stats()["dead_letters"] == 0
+
+
+def test_broker_restart_then_collector_restart_mid_stream_loses_and_doubles_nothing(device, mosquitto, collector_sqlite):
+    device.start()
+    stop = threading.Event()
+
+    def produce():
+        while not stop.is_set():
+            device.drive(20)
+            time.sleep(0.02)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        wait_stored(collector_sqlite, 200)
+        mosquitto.stop()  # no persistence: what it held is gone; the device has not deleted it
+        time.sleep(1.0)
+        mosquitto.start()
+        wait_until(lambda: device.link.stats()["connected"] and collector_sqlite.stats()["connected"], 15,
+                   message="device and collector back on the broker")
+        before = count(collector_sqlite.db_path)
+        wait_stored(collector_sqlite, before + 200)
+        collector_sqlite.stop()
+        time.sleep(1.0)
+        collector_sqlite.start()
+        wait_stored(collector_sqlite, count(collector_sqlite.db_path) + 200)
+    finally:
+        stop.set()
+        producer.join()
+    wait_stored(collector_sqlite, len(device.appended), timeout=30)
+    wait_empty(device, timeout=30)
+    assert_exactly_once_in_order(collector_sqlite.db_path, device.appended)
+    assert device.link.stats()["connects"] >= 2
+
+
+def test_records_buffered_while_the_broker_is_absent_arrive_when_it_comes(data_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, LOG)
+    broker = MosquittoBroker(tmp_path)
+    device = Device(data_dir, broker.port).start()
+    try:
+        device.drive(300)
+        wait_until(lambda: "Connection refused" in caplog.text, 5, message="a log line about the refused connection")
+        time.sleep(1.5)  # several retries
+        refused = [r for r in caplog.records if "Connection refused" in r.getMessage()]
+        assert len(refused) == 1, "one line per state change, not one per retry"
+        assert not [r for r in caplog.records if r.exc_info], "no traceback"
+        assert device.buffer.stats()["depth"] == len(device.appended), "everything stays buffered"
+        broker.start()
+        from collector.service import Collector
+
+        with Collector("127.0.0.1", broker.port, "telematics", tmp_path / "c.sqlite") as collector:
+            wait_stored(collector, len(device.appended))
+            wait_empty(device)
+            assert_exactly_once_in_order(collector.db_path, device.appended)
+        assert any("connected to" in r.getMessage() for r in caplog.records)
+    finally:
+        device.stop()
+        broker.stop()
+
+
+def test_a_broker_refusing_the_client_gives_one_clear_line_and_the_device_keeps_buffering(data_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, LOG)
+    broker = MosquittoBroker(tmp_path, extra_conf="allow_anonymous false\n")
+    broker.start()
+    device = Device(data_dir, broker.port).start()
+    try:
+        device.drive(100)
+        wait_until(lambda: "Not authorized" in caplog.text, 5, message="the refusal in the log")
+        time.sleep(1.0)
+        lines = [r.getMessage() for r in caplog.records if "Not authorized" in r.getMessage()]
+        assert lines == [f"broker 127.0.0.1:{broker.port} unavailable: the broker refused the connection: Not authorized;"
+                         " buffering, retrying with backoff"]
+        wait_until(lambda: device.buffer.stats()["committed_seq"] == len(device.appended), 5, message="commit")
+        assert device.buffer.stats()["depth"] == len(device.appended)
+    finally:
+        device.stop()
+        broker.stop()
+
+
+def test_collector_down_longer_than_the_broker_queue_holds_loses_nothing(data_dir, tmp_path):
+    """Mosquitto queues at most 5 messages here for the absent collector; the rest is re-sent on timeout."""
+    broker = MosquittoBroker(tmp_path, extra_conf="max_queued_messages 5\n")
+    broker.start()
+    from collector.service import Collector
+
+    collector = Collector("127.0.0.1", broker.port, "telematics", tmp_path / "c.sqlite").start()
+    device = Device(data_dir, broker.port, ack_timeout_s=2.0, batch_max_records=20).start()
+    try:
+        device.drive(100)
+        wait_stored(collector, 100)
+        collector.stop()
+        device.drive(1000)
+        time.sleep(1.0)
+        collector.start()
+        wait_stored(collector, len(device.appended), timeout=30)
+        wait_empty(device)
+        assert_exactly_once_in_order(collector.db_path, device.appended)
+    finally:
+        device.stop()
+        collector.stop()
+        broker.stop()
+
+
+def test_live_data_goes_first_and_the_backlog_drains_behind_it_at_the_rate_cap(data_dir, mosquitto, collector_sqlite):
+    backlog = Device(data_dir, mosquitto.port)
+    backlog.buffer.open()
+    backlog.drive(1500, events_every=0)
+    backlog.buffer.close()
+    device = Device(data_dir, mosquitto.port, backlog_max_records_per_s=500.0, batch_max_records=50).start()
+    try:
+        device._i = 1500
+        wait_until(lambda: device.link.stats()["connected"], 10, message="connected")
+        started = time.monotonic()
+        for _ in range(10):
+            device.drive(10, events_every=0)
+            time.sleep(0.1)
+        total = 1500 + len(device.appended)
+        wait_stored(collector_sqlite, total)
+        elapsed = time.monotonic() - started
+        assert elapsed >= 2.0, "1500 backlog records at 500/s take at least 2 s after the first burst of 500"
+        import sqlite3
+
+        with sqlite3.connect(collector_sqlite.db_path) as conn:
+            rows = conn.execute("SELECT seq, backlog, received_utc FROM records ORDER BY seq").fetchall()
+        old = [r for r in rows if r[0] <= 1500]
+        new = [r for r in rows if r[0] > 1500]
+        assert all(r[1] == 1 for r in old) and all(r[1] == 0 for r in new), "the backend can tell backlog from live"
+        assert max(r[2] for r in new) < max(r[2] for r in old), "live records did not wait for the backlog"
+        assert [r[0] for r in rows] == list(range(1, total + 1))
+    finally:
+        device.stop()
+
+
+def test_status_birth_message_will_and_clean_offline(data_dir, mosquitto):
+    proxy = SilentProxy(mosquitto.port)
+    seen: list[dict] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda c, u, m: seen.append(json.loads(m.payload))
+    watcher.connect("127.0.0.1", mosquitto.port)
+    watcher.subscribe("telematics/truck-1/status", qos=1)
+    watcher.loop_start()
+    device = Device(data_dir, proxy.port, keepalive_s=5)
+    try:
+        device.start()
+        wait_until(lambda: seen and seen[-1]["state"] == "online", 10, message="the birth message")
+        birth = seen[-1]
+        assert birth["version"] and birth["device"] == "truck-1" and birth["buffer_depth"] == 0
+        proxy.cut()  # the broker sees the connection die without a DISCONNECT: the will goes out
+        wait_until(lambda: any(s["state"] == "offline" and s["reason"] == "connection_lost" for s in seen), 10,
+                   message="the last will")
+        wait_until(lambda: seen[-1]["state"] == "online", 10, message="a new birth after reconnecting")
+        device.stop()
+        wait_until(lambda: seen[-1] == {**seen[-1], "state": "offline", "reason": "shutdown"}, 5, message="clean offline")
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+        proxy.close()
+
+
+def test_a_silent_link_is_noticed_within_twice_the_keepalive_and_nothing_is_lost(data_dir, mosquitto, collector_sqlite, caplog):
+    caplog.set_level(logging.INFO, LOG)
+    proxy = SilentProxy(mosquitto.port)
+    device = Device(data_dir, proxy.port, keepalive_s=5, ack_timeout_s=20.0).start()
+    try:
+        device.drive(100)
+        wait_stored(collector_sqlite, len(device.appended))
+        proxy.pause()
+        paused_at = time.monotonic()
+        device.drive(100)
+        wait_until(lambda: not device.link.stats()["connected"], 12, interval=0.1, message="the link to notice")
+        noticed = time.monotonic() - paused_at
+        assert noticed <= 2 * 5 + 0.5
+        assert "silent link" in caplog.text
+        proxy.resume()
+        wait_stored(collector_sqlite, len(device.appended), timeout=30)
+        wait_empty(device)
+        assert_exactly_once_in_order(collector_sqlite.db_path, device.appended)
+    finally:
+        device.stop()
+        proxy.close()
+
+
+def test_broker_ack_mode_frees_records_on_puback(data_dir, mosquitto):
+    device = Device(data_dir, mosquitto.port, ack="broker").start()
+    try:
+        device.drive(200)
+        wait_empty(device, 10)
+    finally:
+        device.stop()
+
+
+def test_mqtt_311_is_decoded_by_its_bytes(data_dir, mosquitto, collector_sqlite):
+    device = Device(data_dir, mosquitto.port, protocol="3.1.1").start()
+    try:
+        device.drive(120)
+        wait_stored(collector_sqlite, len(device.appended))
+        assert device.link.stats()["protocol"] == "3.1.1"
+        assert_exactly_once_in_order(collector_sqlite.db_path, device.appended)
+    finally:
+        device.stop()
+
+
+def test_publish_message_and_subscribe_for_other_modules(data_dir, mosquitto):
+    device = Device(data_dir, mosquitto.port).start()
+    got: list[bytes] = []
+    answers: list[bytes] = []
+    try:
+        device.link.subscribe("command", got.append)
+        assert not Device(data_dir / "x", free_port()).link.publish_message("response", b"x"), "False while down"
+        wait_until(lambda: device.link.stats()["connected"], 10, message="connected")
+        other = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        other.on_message = lambda c, u, m: answers.append(m.payload)
+        other.connect("127.0.0.1", mosquitto.port)
+        other.subscribe("telematics/truck-1/response", qos=1)
+        other.loop_start()
+        time.sleep(0.3)
+        other.publish("telematics/truck-1/command", b'{"cmd":"ping"}', qos=1)
+        wait_until(lambda: got == [b'{"cmd":"ping"}'], 5, message="the command")
+        assert device.link.publish_message("response", b'{"ok":true}')
+        wait_until(lambda: answers == [b'{"ok":true}'], 5, message="the response")
+        other.loop_stop()
+        other.disconnect()
+    finally:
+        device.stop()
