@@ -9,6 +9,7 @@ from agent.cli_base import dispatch
 COMMANDS = {
     "run": ("agent.commands.run", "run the agent daemon"),
     "check-config": ("agent.commands.check_config", "validate a config file and print it with defaults"),
+    "provision": ("agent.commands.provision", "give this box its identity, keys and broker; check them; first boot"),
     "status": ("agent.commands.status", "show the running agent's status (GPS, CAN, buffer, broker, power)"),
     "decode-nmea": ("agent.commands.decode_nmea", "print every fix of an NMEA capture as JSON lines"),
     "decode-can": ("agent.commands.decode_can", "print every decoded signal, trouble code set and reassembled message of a CAN capture as JSON lines"),
