@@ -188,8 +188,9 @@ class GeofencesConfig(_Section):
     hysteresis_s: NonNegFloat = 3.0
     dwell_s: PositiveFloat = 600.0  # geofence_dwell after this long inside
     approach_m: NonNegFloat = 1000.0  # stop_approach radius around customer stops; 0: none
-    # The speed for an approach ETA is the mean over this window.
-    eta_window_s: PositiveFloat = 60.0
+    # The speed for an approach ETA is the mean over this window (long enough to smooth a junction,
+    # short enough to forget the last stop).
+    eta_window_s: PositiveFloat = 20.0
 
 
 class StopsConfig(_Section):
@@ -249,7 +250,9 @@ class ReportingConfig(_Section):
     moving: ReportingProfile = msgspec.field(
         default_factory=lambda: ReportingProfile(period_s=60.0, heading_deg=30.0, speed_change_mps=5.0, tolerance_m=7.0)
     )
-    parked: ReportingProfile = msgspec.field(default_factory=lambda: ReportingProfile(period_s=600.0, distance_m=50.0))
+    parked: ReportingProfile = msgspec.field(
+        default_factory=lambda: ReportingProfile(period_s=600.0, distance_m=50.0, tolerance_m=7.0)
+    )
 
 
 class EdgeConfig(_Section):

@@ -72,12 +72,14 @@ def _fixes(path: str, allow_missing_checksum: bool) -> Iterator[Record]:
 
 def _can_records(path: str, config) -> Iterator[Record]:
     """Sampled signals and trouble-code status of a CAN capture, as the live CAN source makes them."""
+    from agent.config import CanConfig
     from agent.decode.can_log import CaptureError, iter_frames
     from agent.decode.j1939 import J1939Database
     from agent.sources.can_sampling import CanSampler
 
+    can = config.can or CanConfig()  # a GPS-only config: the default signals and sampling
     try:
-        db = J1939Database.load(config.can.dbc)
+        db = J1939Database.load(can.dbc)
     except OSError as exc:
         raise CommandError(f"cannot read DBC {exc.filename}: {exc.strerror}") from exc
     samplers: dict[str | None, CanSampler] = {}
@@ -88,7 +90,7 @@ def _can_records(path: str, config) -> Iterator[Record]:
                 continue
             sampler = samplers.get(frame.bus)
             if sampler is None:
-                sampler = samplers[frame.bus] = CanSampler(db, config.can.signals, frame.bus or "can0")
+                sampler = samplers[frame.bus] = CanSampler(db, can.signals, frame.bus or "can0")
             if next_tick is None:
                 next_tick = frame.time + 1.0
             while frame.time >= next_tick:  # the sampler's windows close on the capture's own clock

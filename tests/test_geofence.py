@@ -1,0 +1,147 @@
+"""Geofence sets (GeoJSON validation), metre distances at any latitude, hysteresis under GPS noise,
+atomic replacement and the restart state file."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.config import GeofencesConfig
+from agent.geo import haversine_m, offset
+from agent.processors.edge import EdgeChain
+from agent.config import EdgeConfig
+from agent.processors.geofence import GeofenceError, GeofenceProcessor, GeofenceSet
+from edge_drive import Drive, circle, collection, events, run, square
+
+HOME = (48.1374, 11.5755)
+
+
+@pytest.mark.parametrize("doc, message", [
+    (b"{not json", "not valid JSON"),
+    (b'{"type": "Polygon"}', "FeatureCollection"),
+    (collection({"type": "Feature", "properties": {"type": "depot"}, "geometry": None}), "needs an id"),
+    (collection(circle("a", "warehouse", *HOME, 50)), "properties.type must be one of"),
+    (collection({**circle("a", "depot", *HOME, 50), "properties": {"type": "depot"}}), "needs properties.radius_m"),
+    (collection(circle("a", "depot", *HOME, -5)), "radius_m must be > 0"),
+    (collection(circle("a", "depot", *HOME, 50, speed_limit_kmh="fast")), "speed_limit_kmh must be a number"),
+    (collection(circle("a", "depot", 95.0, 11.0, 50)), "out of range"),
+    (collection(circle("a", "depot", *HOME, 50), circle("a", "depot", *HOME, 80)), "appears more than once"),
+    (collection({"type": "Feature", "id": "bow", "properties": {"type": "no_go"}, "geometry": {
+        "type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}}), "invalid Polygon: Self-intersection"),
+    (collection({"type": "Feature", "id": "l", "properties": {"type": "no_go"}, "geometry": {
+        "type": "LineString", "coordinates": [[0, 0], [1, 1]]}}), "got 'LineString'"),
+])
+def test_invalid_sets_are_refused_with_the_reason(doc, message):
+    with pytest.raises(GeofenceError, match=message):
+        GeofenceSet.from_geojson(doc)
+
+
+def test_load_names_the_file(tmp_path):
+    path = tmp_path / "fences.geojson"
+    path.write_text('{"type": "FeatureCollection", "features": [1]}')
+    with pytest.raises(GeofenceError, match=rf"{path}: feature 0: not a GeoJSON Feature"):
+        GeofenceSet.load(path)
+
+
+def test_properties_and_multipolygons_are_read():
+    a = square("x", "speed_zone", *HOME, 100)["geometry"]["coordinates"]
+    b = square("x", "speed_zone", *offset(*HOME, 1000, 0), 100)["geometry"]["coordinates"]
+    doc = collection({"type": "Feature", "properties": {"id": 7, "type": "speed_zone", "name": "Two schools",
+                                                        "speed_limit_kmh": 30, "hysteresis_m": 5, "dwell_s": 60},
+                      "geometry": {"type": "MultiPolygon", "coordinates": [a, b]}})
+    fence = GeofenceSet.from_geojson(doc).by_id["7"]
+    assert (fence.name, fence.type, fence.speed_limit_kmh, fence.hysteresis_m, fence.dwell_s) == \
+        ("Two schools", "speed_zone", 30.0, 5.0, 60.0)
+    assert fence.contains(*offset(*HOME, 1000, 0)) and not fence.contains(*offset(*HOME, 500, 0))
+
+
+@pytest.mark.parametrize("lat", [0.0, 45.0, 70.0, 78.2, -54.8])
+@pytest.mark.parametrize("bearing", ["east", "north"])
+def test_boundary_distance_is_in_metres_at_any_latitude(lat, bearing):
+    fence = GeofenceSet.from_geojson(collection(square("s", "depot", lat, 20.0, 200))).fences[0]
+    north, east = (0, 237) if bearing == "east" else (237, 0)
+    plat, plon = offset(lat, 20.0, north, east)
+    import shapely
+
+    d = fence.signed_distance_m(plat, plon, shapely.Point(plon, plat), fence.contains(plat, plon), cap=1000)
+    # 37 m outside the 200 m edge (the local frame of `offset` and `square` agree to well below 0.5 m).
+    assert d == pytest.approx(-37.0, abs=0.5)
+    inside = offset(lat, 20.0, 190, 0) if bearing == "north" else offset(lat, 20.0, 0, 190)
+    d_in = fence.signed_distance_m(*inside, shapely.Point(inside[1], inside[0]), True, cap=1000)
+    assert d_in == pytest.approx(10.0, abs=0.5)
+
+
+def test_circle_distance_is_the_haversine_distance():
+    fence = GeofenceSet.from_geojson(collection(circle("c", "customer_stop", 69.65, 18.96, 80))).fences[0]
+    p = offset(69.65, 18.96, 30, 90)
+    import shapely
+
+    d = fence.signed_distance_m(*p, shapely.Point(p[1], p[0]), True, cap=1000)
+    assert d == pytest.approx(80 - haversine_m(69.65, 18.96, *p), abs=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), noise=st.floats(0.0, 8.0), minutes=st.integers(5, 40),
+       where=st.sampled_from(["edge", "corner", "circle", "outside", "approach"]))
+def test_gps_noise_around_a_parked_truck_never_produces_an_event(seed, noise, minutes, where):
+    fences = collection(square("depot", "depot", *HOME, 100),
+                        circle("cust", "customer_stop", *offset(*HOME, 0, 600), 50, approach_m=400))
+    spot = {"edge": offset(*HOME, 20, 100), "corner": offset(*HOME, 100, 100),
+            "circle": offset(*HOME, 0, 550), "outside": offset(*HOME, -400, -400),
+            "approach": offset(*HOME, 0, 300)}[where]
+    d = Drive(*spot)
+    d.stay(minutes * 60, noise_m=noise, rng=random.Random(seed))
+    out = run(EdgeChain(EdgeConfig(), None, GeofenceSet.from_geojson(fences)).processors, d.records)
+    assert events(out) == []
+
+
+def test_replace_keeps_state_of_fences_that_stay_and_drops_the_rest(data_dir):
+    depot = square("depot", "depot", *HOME, 100)
+    processor = GeofenceProcessor(GeofencesConfig(), data_dir, GeofenceSet.from_geojson(collection(depot)))
+    d = Drive(*HOME)
+    d.stay(10)
+    assert [t for t, _ in events(run([processor], d.records))] == ["geofence_enter"]
+    # The same depot in a new version, plus a zone around the truck: no second enter for the depot.
+    processor.replace(GeofenceSet.from_geojson(collection(depot, circle("z", "no_go", *HOME, 300))), "v2")
+    d.records.clear()
+    d.stay(10)
+    assert [(t, a["geofence_id"]) for t, a in events(run([processor], d.records))] == [("geofence_enter", "z")]
+    processor.replace(GeofenceSet.from_geojson(collection(circle("z", "no_go", *HOME, 300))), "v3")
+    assert processor.inside_ids() == ["z"] and processor.version == "v3"
+    saved = json.loads((data_dir / "edge-geofence.json").read_text())
+    assert saved["version"] == "v3" and list(saved["fences"]) == ["z"]
+
+
+def test_state_file_survives_a_restart_and_is_written_only_on_change(data_dir):
+    fences = GeofenceSet.from_geojson(collection(square("depot", "depot", *HOME, 100)))
+    d = Drive(*HOME)
+    d.stay(30)
+    first = GeofenceProcessor(GeofencesConfig(dwell_s=50), data_dir, fences)
+    run([first], d.records)
+    path = data_dir / "edge-geofence.json"
+    mtime = path.stat().st_mtime_ns
+    d.records.clear()
+    d.stay(10)
+    run([first], d.records)
+    assert path.stat().st_mtime_ns == mtime  # nothing changed, nothing written
+    assert not list(data_dir.glob("*.tmp"))
+    again = GeofenceProcessor(GeofencesConfig(dwell_s=50), data_dir, fences)
+    d.records.clear()
+    d.stay(20)
+    got = events(run([again], d.records))
+    # No second enter; the dwell counts from the first enter, before the restart.
+    assert [(t, a["dwell_s"]) for t, a in got] == [("geofence_dwell", 50.0)]
+
+
+def test_a_jump_far_away_exits_fences_that_are_no_longer_candidates():
+    fences = GeofenceSet.from_geojson(collection(circle("c", "depot", *HOME, 100)))
+    d = Drive(*HOME)
+    d.stay(10)
+    d.lat, d.lon = offset(*HOME, 50_000, 0)
+    d.stay(10)
+    got = [t for t, _ in events(run([GeofenceProcessor(GeofencesConfig(), None, fences)], d.records))]
+    assert got == ["geofence_enter", "geofence_exit"]
