@@ -1,4 +1,4 @@
-"""Wire format v2: per-kind columnar batches of scaled, delta-coded integers in msgpack, then zstd.
+"""Wire format v2: per-kind columnar batches of scaled, delta-coded integers in msgpack, deflated.
 
 docs/wire-format.md specifies it byte by byte; this module and ``decoders/js`` are two independent
 implementations of that text, checked against each other on ``tests/golden/wire``.
@@ -10,31 +10,36 @@ which no decimal scale captures), delta-coded to order 0, 1 or 2, divided by the
 divisor of the differences, and written as msgpack integers. Values no scale can carry (NaN,
 infinities, magnitudes past 2**50) travel as raw float64. ``mono`` (the device's monotonic clock)
 is not sent: it means nothing off the device, and decoded records carry ``mono = 0.0``.
+
+The msgpack body is compressed with raw DEFLATE (RFC 1951) behind a one-byte version prefix. zstd
+was measured too (bench/bench_wire.py): on 60-record batches its frame header costs more than its
+better entropy coding gains, and DEFLATE is in every language's standard library.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-import threading
-from itertools import accumulate, compress
-from operator import attrgetter
+from itertools import accumulate, compress, takewhile
+from operator import attrgetter, not_
 from typing import Any, Sequence, Union
 
 import msgspec
-import zstandard
+import zlib
 
 from agent.record import Event, Fix, Record, Scalar, Signal, Status
 from agent.wire.codec import Batch, WireError
 
 VERSION = 2
-CONTENT_TYPE = "application/vnd.telematics.batch.v2+zstd"
-# RFC 8878 section 3.1.1: every zstd frame starts with this magic number (0xFD2FB528, little-endian).
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-# A decompressed batch larger than this is refused (a few bytes of zstd can claim gigabytes).
+CONTENT_TYPE = "application/vnd.telematics.batch.v2"
+# The first byte of every v2 payload: the format version (v1 payloads start with zlib's 0x78).
+PREFIX = bytes([VERSION])
+# A decompressed batch larger than this is refused (a few bytes of DEFLATE can expand a thousandfold).
 MAX_DECOMPRESSED = 16 * 1024 * 1024
-# zstd level: measured in bench/bench_wire.py; higher levels gain under 1% on 60-record batches.
+# DEFLATE level 9: on 60-record bodies (about 700 bytes) it costs about 1 us per record more than 6.
 LEVEL = 9
+# Raw DEFLATE (no zlib header or Adler-32: MQTT runs over TCP, which already detects corruption).
+WBITS = -15
 # Scaled integers and their first and second differences stay within 2**52, so a decoder working in
 # IEEE doubles (JavaScript's Number) reconstructs them exactly.
 MAX_INT = 2**50
@@ -142,17 +147,6 @@ class _Body(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 
 _body_decoder = msgspec.msgpack.Decoder(_Body)
 _encoder = msgspec.msgpack.Encoder()
-_local = threading.local()  # zstd contexts are not thread-safe; one per thread
-
-
-def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
-    pair = getattr(_local, "zstd", None)
-    if pair is None:
-        # The content size in the frame header lets a decoder size its buffer; no checksum: MQTT
-        # runs over TCP (and TLS), which already detects corruption, and 4 bytes a batch add up.
-        compressor = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True, write_checksum=False)
-        pair = _local.zstd = (compressor, zstandard.ZstdDecompressor())
-    return pair
 
 
 # --- Encoding -------------------------------------------------------------------------------------
@@ -187,35 +181,35 @@ def _present(values: list[Any]) -> tuple[list[Any], bytes | None] | None:
 
 def _int_col(ints: list[int], present: bytes | None, scale: int | float = 1, modulus: int = 0) -> list[Any]:
     """A column of integers: the delta order and common divisor that make the smallest numbers."""
-    candidates = [ints]  # order 0, 1, 2: differences of that order, keeping the first `order` items
+    # Differences of order 0, 1 and 2 after the items an order keeps (its first `order` items).
+    tails = [ints[1:]]
     if len(ints) > 1:
-        d1 = [b - a for a, b in zip(ints, ints[1:])]
+        d1 = [b - a for a, b in zip(ints, tails[0])]
         if modulus:  # first differences wrap into [-modulus/2, modulus/2)
             half = modulus // 2
             d1 = [(d + half) % modulus - half for d in d1]
-        candidates.append(ints[:1] + d1)
+        tails.append(d1)
         if len(ints) > 2:
-            candidates.append([ints[0], d1[0]] + [b - a for a, b in zip(d1, d1[1:])])
+            tails.append([d1[0]] + [b - a for a, b in zip(d1, d1[1:])])
     best = (math.inf, 0, 1)
-    for order, diffs in enumerate(candidates):
-        gcd = math.gcd(*diffs[1:]) or 1
-        cost = sum(map(abs, diffs[1:])) / gcd
+    for order, tail in enumerate(tails):
+        gcd = math.gcd(*tail) or 1
+        cost = sum(map(abs, tail)) / gcd
         if cost < best[0]:
             best = (cost, order, gcd)
+        if not cost:  # all differences zero: nothing can beat it
+            break
     _, order, gcd = best
-    data = candidates[order]
-    if gcd != 1:
-        data = data[:1] + [d // gcd for d in data[1:]]
-    end = len(data)
-    while end and not data[end - 1]:  # trailing zeros are implied
-        end -= 1
-    return _trim([data[:end], order, gcd, scale, present, modulus], _COL_DEFAULTS)
+    tail = tails[order] if gcd == 1 else [d // gcd for d in tails[order]]
+    data = ints[:1] + tail
+    zeros = len(list(takewhile(not_, reversed(data))))  # trailing zeros are implied
+    return _trim([data[: len(data) - zeros], order, gcd, scale, present, modulus], _COL_DEFAULTS)
 
 
 def _checked_ints(values: list[Any], field: str) -> list[int]:
-    for v in values:
-        if not isinstance(v, int) or not -MAX_INT <= v <= MAX_INT:
-            raise WireError(f"v2: {field} must be an integer within +-2**50, got {v!r}")
+    if not set(map(type, values)) <= {int, bool} or min(values) < -MAX_INT or max(values) > MAX_INT:
+        bad = next(v for v in values if type(v) not in (int, bool) or not -MAX_INT <= v <= MAX_INT)
+        raise WireError(f"v2: {field} must be an integer within +-2**50, got {bad!r}")
     return values
 
 
@@ -237,14 +231,20 @@ def _float_column(values: list[Any], spec: _Spec) -> list[Any] | None:
     if math.isfinite(biggest) and not math.isnan(sum(floats)):
         res = spec.resolution
         target = None if res is None or biggest * res > MAX_INT else [round(v * res) for v in floats]
+        first = floats[0]
         for scale in spec.candidates:  # ascending
             if biggest * scale > MAX_INT or (res is not None and target is None):
                 break
-            ints = [round(v * scale) for v in floats]
             if res is None:
-                ok = [k / scale for k in ints] == floats
-            else:
-                ok = scale == res or [round(k / scale * res) for k in ints] == target
+                ok = round(first * scale) / scale == first and [round(v * scale) / scale for v in floats] == floats
+            else:  # (the first value alone rules most coarse scales out)
+                ok = scale == res or (
+                    round(round(first * scale) / scale * res) == target[0]
+                    and [round(round(v * scale) / scale * res) for v in floats] == target
+                )
+            if not ok:
+                continue
+            ints = [round(v * scale) for v in floats]
             if not ok:
                 continue
             modulus = 0
@@ -326,7 +326,7 @@ def encode(device_id: str, records: Sequence[Record]) -> bytes:
         raw = _encoder.encode(_trim(body, (None, None, None, [], None, None)))
     except (OverflowError, TypeError) as exc:  # e.g. an attribute value msgpack cannot carry
         raise WireError(f"v2: cannot encode the batch: {exc}") from exc
-    return _zstd()[0].compress(raw)
+    return PREFIX + zlib.compress(raw, LEVEL, WBITS)
 
 
 # --- Decoding -------------------------------------------------------------------------------------
@@ -456,19 +456,26 @@ def _decode_body(body: _Body) -> list[Record]:
     return out
 
 
-def _decompress(payload: bytes) -> bytes:
+def _inflate(payload: bytes) -> bytes:
+    if payload[:1] != PREFIX:
+        raise WireError(f"v2: a payload must start with byte {VERSION}, got {payload[:1].hex() or 'nothing'}")
+    inflater = zlib.decompressobj(WBITS)
     try:
-        size = zstandard.get_frame_parameters(payload).content_size
-        if size != zstandard.CONTENTSIZE_UNKNOWN and size > MAX_DECOMPRESSED:
-            raise WireError(f"v2: the frame claims {size} bytes, more than the {MAX_DECOMPRESSED} allowed")
-        return _zstd()[1].decompress(payload, max_output_size=MAX_DECOMPRESSED, allow_extra_data=False)
-    except zstandard.ZstdError as exc:
-        raise WireError(f"v2: not one whole zstd frame: {exc}") from exc
+        raw = inflater.decompress(payload[1:], MAX_DECOMPRESSED)
+    except zlib.error as exc:
+        raise WireError(f"v2: not a DEFLATE stream: {exc}") from exc
+    if inflater.unconsumed_tail:
+        raise WireError(f"v2: decompressed batch larger than {MAX_DECOMPRESSED} bytes")
+    if not inflater.eof:
+        raise WireError("v2: truncated DEFLATE stream")
+    if inflater.unused_data:
+        raise WireError("v2: bytes after the end of the DEFLATE stream")
+    return raw
 
 
 def decode(payload: bytes) -> Batch:
     """Decode one v2 batch; records come back in ascending ``seq``. Raises :class:`WireError`."""
-    raw = _decompress(bytes(payload))
+    raw = _inflate(bytes(payload))
     try:
         body = _body_decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # text must be UTF-8
@@ -504,7 +511,7 @@ class _V2Codec:
         return decode(payload)
 
     def sniff(self, payload: bytes) -> bool:
-        return bytes(payload[:4]) == ZSTD_MAGIC
+        return bytes(payload[:1]) == PREFIX
 
 
 CODEC = _V2Codec()
