@@ -154,10 +154,11 @@ def speed_profile(route: Route, profile: Profile, stop_at: list[int]) -> np.ndar
     zero = np.zeros(len(route.s), dtype=bool)
     zero[[0, len(route.s) - 1, *stop_at]] = True
     v = np.minimum(vmax, np.where(zero, 0.0, np.inf))
+    ds = np.diff(route.s)  # GRID_M, but the last cell is shorter
     for i in range(1, len(v)):
-        v[i] = min(v[i], math.sqrt(v[i - 1] ** 2 + 2 * profile.accel_mps2 * GRID_M))
+        v[i] = min(v[i], math.sqrt(v[i - 1] ** 2 + 2 * profile.accel_mps2 * ds[i - 1]))
     for i in range(len(v) - 2, -1, -1):
-        v[i] = min(v[i], math.sqrt(v[i + 1] ** 2 + 2 * decel[i] * GRID_M))
+        v[i] = min(v[i], math.sqrt(v[i + 1] ** 2 + 2 * decel[i] * ds[i]))
     return v
 
 

@@ -65,8 +65,8 @@ class Plan:
     """What happens on the drive. Positions are fractions (0-1) of the route's length."""
 
     stops: list[tuple[float, float, str | None]]  # (at, dwell_s, customer name or None for a traffic light)
-    harsh_brake_at: float | None = None
-    speed_zone: tuple[float, float, float] | None = None  # (from, to, limit_kmh); driven 12 km/h over it
+    harsh_brake_at: float | str | None = None  # or AUTO
+    speed_zone: tuple[float, float, float] | str | None = None  # (from, to, limit_kmh) or AUTO; driven 12 km/h over
     dropouts: list[tuple[float, float]] = field(default_factory=list)  # (at, seconds without a fix)
     cruise_kmh: tuple[float, float] = (38.0, 48.0)  # each route segment's cruise speed is drawn from this
     pre_idle_s: float = 20.0
@@ -84,12 +84,37 @@ def bundled_plan() -> Plan:
 
 
 def default_plan() -> Plan:
-    """For a route of the user's: a traffic light, two customers, a hard braking and a speed zone."""
-    return Plan(
-        stops=[(0.15, 15.0, None), (0.3, 90.0, "Customer A"), (0.6, 150.0, "Customer B")],
-        harsh_brake_at=0.45,
-        speed_zone=(0.7, 0.9, 30.0),
-    )
+    """For a route of the user's: a traffic light, two customers, and (placed on the route's
+    straightest stretches by :func:`build`) a hard braking and a 30 km/h zone."""
+    return Plan(stops=[(0.12, 15.0, None), (0.25, 90.0, "Customer A"), (0.5, 150.0, "Customer B")],
+                harsh_brake_at=AUTO, speed_zone=AUTO)
+
+
+AUTO = "auto"  # Plan.harsh_brake_at / Plan.speed_zone: choose a straight stretch of the route
+_ZONE_LIMIT_KMH = 30.0
+_ZONE_MIN_RUN_M = 320.0  # a zone of 260 m or more: over 20 s at 42 km/h, well past overspeed_min_s
+_HARSH_MIN_RUN_M = 150.0
+
+
+def _place_auto(plan: Plan, route: Route) -> Plan:
+    """Resolve AUTO positions: the zone on the longest straight stretch away from stops and the route's
+    ends, the hard braking 120 m into the longest other one; left out where the route has none."""
+    straight = np.sqrt(1.5 / np.maximum(route.curvature, 1e-9)) >= (_ZONE_LIMIT_KMH + 12) / 3.6
+    keep_clear = (route.s < 150) | (route.s > route.length_m - 150)
+    for at, _, _ in plan.stops:
+        keep_clear |= np.abs(route.s - at * route.length_m) < 150
+    from_runs = sorted(_runs(straight & ~keep_clear), key=lambda r: r[0] - r[1])
+    runs = [(route.s[a], route.s[b - 1]) for a, b in from_runs]
+    if plan.speed_zone == AUTO:
+        plan.speed_zone = None
+        if runs and runs[0][1] - runs[0][0] >= _ZONE_MIN_RUN_M:
+            a, b = runs.pop(0)
+            plan.speed_zone = ((a + 30) / route.length_m, (b - 30) / route.length_m, _ZONE_LIMIT_KMH)
+    if plan.harsh_brake_at == AUTO:
+        plan.harsh_brake_at = None
+        if runs and runs[0][1] - runs[0][0] >= _HARSH_MIN_RUN_M:
+            plan.harsh_brake_at = (runs[0][0] + 120) / route.length_m
+    return plan
 
 
 @dataclass
@@ -110,6 +135,7 @@ def build(waypoints: list[tuple[float, float]], plan: Plan, seed: int = 1, start
     """Simulate the drive and its GPS fixes. Raises ValueError for an impossible plan."""
     rng = np.random.default_rng(seed)
     route = Route(waypoints)
+    plan = _place_auto(plan, route)
     length = route.length_m
     places = sorted(plan.stops)
     stops = [Stop(at * length, dwell, name) for at, dwell, name in places]
