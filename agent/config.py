@@ -255,6 +255,17 @@ class ReportingConfig(_Section):
     )
 
 
+class DiagnosticsConfig(_Section):
+    """Trouble codes appearing and clearing, low fuel, maintenance due."""
+
+    low_fuel_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 15.0  # low_fuel below this level
+    # ... and again only after the level rose this much above it (sloshing, refuelling).
+    low_fuel_clear_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 5.0
+    # maintenance_due once the engine hours / odometer reach these (set again after a service); None: off.
+    service_due_engine_h: NonNegFloat | None = None
+    service_due_km: NonNegFloat | None = None
+
+
 class EdgeConfig(_Section):
     """Edge logic on the truck: geofences, stops, trips, idling, driving events, adaptive reporting."""
 
@@ -264,6 +275,7 @@ class EdgeConfig(_Section):
     idling: IdlingConfig = msgspec.field(default_factory=IdlingConfig)
     driving: DrivingConfig = msgspec.field(default_factory=DrivingConfig)
     reporting: ReportingConfig = msgspec.field(default_factory=ReportingConfig)
+    diagnostics: DiagnosticsConfig = msgspec.field(default_factory=DiagnosticsConfig)
 
 
 class CanSignalConfig(_Section):

@@ -279,3 +279,42 @@ def test_parked_since_power_up_is_not_a_stop():
     d = Drive(*DEPOT)
     d.stay(1800)
     assert events(run(chain(collection(), stops=StopsConfig()).processors, d.records)) == []
+
+
+def _dtc_status(drive: Drive, codes: str, ecu: int = 0) -> None:
+    from agent.record import Record, Status
+
+    drive.records.append(Record(utc=drive.t, mono=drive.t, data=Status(
+        type="dm1", attrs={"protocol": "j1939", "bus": "can0", "ecu": ecu, "codes": codes, "count": len(codes.split())})))
+
+
+def test_trouble_codes_on_and_off_once_across_a_restart(data_dir):
+    d = Drive(*DEPOT)
+    d.stay(2)
+    _dtc_status(d, "190-2")
+    d.stay(2)
+    _dtc_status(d, "190-2 100-1")
+    cut = len(d.records)
+    d.stay(2)
+    _dtc_status(d, "190-2 100-1")  # the same set again after a reboot: nothing new
+    _dtc_status(d, "100-1")
+    _dtc_status(d, "", ecu=3)
+    first = events(run(chain(collection(), data_dir).processors, d.records[:cut]))
+    second = events(run(chain(collection(), data_dir).processors, d.records[cut:]))
+    assert [(t, a["code"]) for t, a in first + second] == [("dtc_on", "190-2"), ("dtc_on", "100-1"), ("dtc_off", "190-2")]
+    assert first[0][1]["ecu"] == 0 and first[0][1]["protocol"] == "j1939"
+
+
+def test_low_fuel_once_per_episode_and_maintenance_due_once():
+    from agent.config import DiagnosticsConfig
+
+    d = Drive(*DEPOT)
+    for level in (30.0, 16.0, 14.8, 15.2, 14.0, 17.0, 14.0, 80.0, 12.0):  # sloshing around 15 %, refuelled, low again
+        d.stay(1).signal("FuelLevel1", level)
+    for hours in (9999.5, 10000.0, 10000.5):
+        d.stay(1).signal("EngineTotalHoursOfOperation", hours)
+    d.stay(1).signal("TotalVehicleDistanceHighRes", 150_000_000.0)  # metres: 150,000 km
+    config = {"diagnostics": DiagnosticsConfig(service_due_engine_h=10000, service_due_km=150_000)}
+    got = events(run(chain(collection(), **config).processors, d.records))
+    assert [(t, a.get("fuel_pct", a.get("basis"))) for t, a in got] == [
+        ("low_fuel", 14.8), ("low_fuel", 12.0), ("maintenance_due", "engine_h"), ("maintenance_due", "km")]

@@ -2,7 +2,7 @@
 
 Order matters: geofences first (stops ask it for the customer stop a stop is in, driving asks it
 for the speed zone the truck is in), then stops, trips, idling and driving, which all see every
-fix; adaptive reporting last, as it drops the fixes it does not report, and it sees the events the
+fix; then trouble codes, fuel level and maintenance; adaptive reporting last, as it drops the fixes it does not report, and it sees the events the
 others emitted for a fix just before that fix (so the fix of an event is always reported).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.config import EdgeConfig
+from agent.processors.diagnostics import DiagnosticsMonitor
 from agent.processors.driving import DrivingMonitor
 from agent.processors.geofence import GeofenceProcessor, GeofenceSet
 from agent.processors.idling import IdleDetector
@@ -20,7 +21,7 @@ from agent.processors.trips import TripDetector
 
 
 class EdgeChain:
-    """Geofences, stops, trips, idling, driving events and adaptive reporting, wired together.
+    """Geofences, stops, trips, idling, driving and health events, adaptive reporting, wired together.
 
     ``data_dir`` holds their restart state (None: in memory only, for offline runs). ``fence_set``
     overrides ``config.geofences.file``. Raises GeofenceError for an unusable fence file.
@@ -37,5 +38,6 @@ class EdgeChain:
             TripDetector(config.trips, data_dir),
             IdleDetector(config.idling, config.trips.engine_on_rpm, data_dir),
             DrivingMonitor(config.driving, self.geofences.speed_limit),
+            DiagnosticsMonitor(config.diagnostics, data_dir),
             self.reporter,
         ]
