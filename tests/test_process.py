@@ -98,3 +98,12 @@ def test_a_bad_fence_file_is_one_clear_line(tmp_path, content, message):
 def test_a_missing_capture_is_one_clear_line(tmp_path):
     result = process("--nmea", str(tmp_path / "nope.nmea"))
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.corpus
+def test_gps_outage_of_a_real_drive_is_lost_then_regained(corpus):
+    result = process("--nmea", str(corpus / "drives" / "genivi_munich-gps.nmea"))
+    assert result.returncode == 0, result.stderr
+    gps = [json.loads(line) for line in result.stdout.splitlines() if '"gps_' in line]
+    assert [e["type"] for e in gps] == ["gps_lost", "gps_regained"]
+    assert gps[0]["time"].startswith("2009-04-01T") and gps[1]["outage_s"] > 0

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     except GeofenceError as exc:
         raise CommandError(str(exc)) from exc
     pipeline = Pipeline([FixFilter(config.gps.filter), *chain.processors], sink=None)
-    streams = [_fixes(args.nmea, config.gps.allow_missing_checksum)]
+    streams = [_fixes(args.nmea, config.gps)]
     if args.can:
         streams.append(_can_records(args.can, config))
     encoder = msgspec.json.Encoder()
@@ -63,11 +63,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fixes(path: str, allow_missing_checksum: bool) -> Iterator[Record]:
-    from agent.decode.nmea import decode_file
+def _fixes(path: str, gps) -> Iterator[Record]:
+    """The capture's fixes, and the receiver's health events as the live GPS source derives them.
 
-    for utc, fix in decode_file(path, allow_missing_checksum=allow_missing_checksum):
+    Offline only epochs with a position are seen, so an outage (a tunnel) longer than
+    ``gps.silent_timeout_s`` shows as ``gps_silent`` and then ``gps_regained``.
+    """
+    from agent.decode.nmea import decode_file
+    from agent.sources.gps_serial import GpsHealth
+
+    health = GpsHealth(gps.silent_timeout_s)
+    last: float | None = None
+    # The capture's own dates, as decode-nmea prints them (no week-rollover floor: old captures stay old).
+    for utc, fix in decode_file(path, gps.allow_missing_checksum):
+        if last is not None and utc - last >= gps.silent_timeout_s:
+            silent = health.tick(last + gps.silent_timeout_s)
+            if silent is not None:
+                yield Record(utc=last + gps.silent_timeout_s, mono=last + gps.silent_timeout_s, data=silent)
+        health.data(utc)
+        event = health.epoch(utc, utc, fix)
+        if event is not None:
+            yield Record(utc=utc, mono=utc, data=event)
         yield Record(utc=utc, mono=utc, data=fix)
+        last = utc
 
 
 def _can_records(path: str, config) -> Iterator[Record]:
