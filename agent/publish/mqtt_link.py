@@ -149,7 +149,8 @@ class MqttLink:
         self._session_error: str | None = None
         self._connack_refused: str | None = None
         self._paho_error: str | None = None
-        self._last_state: str | None = None
+        # Messages logged since the link was last up: a flapping cause is logged once, not per retry.
+        self._said: set[str] = set()
         self._next_take_at = 0.0
         self._stats = {
             "connected": False,
@@ -274,6 +275,8 @@ class MqttLink:
                 raise LinkDown(f"the broker refused the connection: {self._connack_refused}")
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 detail = self._paho_error or mqtt.error_string(rc)
+                if cfg.tls is not None and "EOF occurred in violation of protocol" in detail:
+                    detail += " (the broker closed the TLS session: does it accept this client certificate?)"
                 if self._use_v5 and self._config.protocol == "auto" and not self._paho_error:
                     # A 3.1.1-only broker closes the connection on a version 5 CONNECT.
                     self._use_v5 = False
@@ -313,8 +316,8 @@ class MqttLink:
             self._client = client
         self._window.clear()
         self._session_error = None
-        self._stats.update(connected=True, protocol="5" if self._use_v5 else "3.1.1", connects=self._stats["connects"] + 1)
         self._buffer.requeue_all()
+        self._stats.update(connected=True, protocol="5" if self._use_v5 else "3.1.1", connects=self._stats["connects"] + 1)
         client.subscribe(self.topic("ack"), qos=1)
         for topic in self._subs:
             client.subscribe(topic, qos=1)
@@ -439,7 +442,8 @@ class MqttLink:
                 log.exception("handler for %s failed", message.topic)
 
     def _on_log(self, client, userdata, level, buf) -> None:
-        if level == mqtt.MQTT_LOG_ERR:
+        # The first error of an attempt is the cause (e.g. the TLS alert); later ones are consequences.
+        if level == mqtt.MQTT_LOG_ERR and self._paho_error is None:
             self._paho_error = buf
 
     # -- helpers ------------------------------------------------------------------------------
@@ -454,12 +458,14 @@ class MqttLink:
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def _state(self, state: str, message: str, level: int) -> None:
-        """Log ``message`` only when the state or its reason changed: one line per state change."""
+        """Log a state change once: each distinct reason once per outage, never once per retry."""
         self._stats["state"] = state
-        if state != "up":
+        if state == "up":
+            self._said.clear()
+        else:
             self._stats["last_error"] = message
-        if message != self._last_state:
-            self._last_state = message
+        if message not in self._said:
+            self._said.add(message)
             log.log(level, "%s", message)
 
 
