@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 from itertools import accumulate, compress, takewhile
 from operator import attrgetter, not_
 from typing import Any, Sequence, Union
 
 import msgspec
-import zlib
 
 from agent.record import Event, Fix, Record, Scalar, Signal, Status
 from agent.wire.codec import Batch, WireError
@@ -152,10 +152,10 @@ _encoder = msgspec.msgpack.Encoder()
 # --- Encoding -------------------------------------------------------------------------------------
 
 
-def _trim(items: list[Any], defaults: tuple[Any, ...]) -> list[Any]:
-    """Drop trailing items equal to their defaults (the spec lets a decoder fill them in)."""
+def _trim(items: list[Any], defaults: tuple[Any, ...], keep: int = 1) -> list[Any]:
+    """Drop trailing items equal to their defaults (the spec lets a decoder fill them in), keeping ``keep``."""
     end = len(items)
-    while end > 1 and items[end - 1] == defaults[end - 1] and type(items[end - 1]) is type(defaults[end - 1]):
+    while end > keep and items[end - 1] == defaults[end - 1] and type(items[end - 1]) is type(defaults[end - 1]):
         end -= 1
     return items[:end]
 
@@ -266,7 +266,8 @@ def _fix_section(fixes: list[Record]) -> list[Any]:
         values = list(map(attrgetter(name), data))
         columns.append(_ints_column(values, name) if spec is None else _float_column(values, spec))
     texts = [_text_column(list(map(attrgetter(name), data))) for name in FIX_TEXTS]
-    return _trim([n, _trim(columns, _TRAILING_NONE), _trim(texts, _TRAILING_NONE)], (None, None, []))
+    section = [n, _trim(columns, _TRAILING_NONE, keep=2), _trim(texts, _TRAILING_NONE, keep=0)]
+    return _trim(section, (None, None, []), keep=2)
 
 
 def _text_column(values: list[str | None]) -> list[str | None] | str | None:
@@ -323,7 +324,7 @@ def encode(device_id: str, records: Sequence[Record]) -> bytes:
         s = [r.data for r in statuses]
         body[5] = _seq_utc(statuses) + [[d.type for d in s], [_check_attrs(d.attrs) for d in s]]
     try:
-        raw = _encoder.encode(_trim(body, (None, None, None, [], None, None)))
+        raw = _encoder.encode(_trim(body, (None, None, None, [], None, None), keep=2))
     except (OverflowError, TypeError) as exc:  # e.g. an attribute value msgpack cannot carry
         raise WireError(f"v2: cannot encode the batch: {exc}") from exc
     return PREFIX + zlib.compress(raw, LEVEL, WBITS)

@@ -1,0 +1,78 @@
+"""The JavaScript decoder (decoders/js, written from docs/wire-format.md alone) against the golden vectors.
+
+It proves the spec complete: a second implementation in another language makes the same JSON of
+every vector as the Python decoder. Needs Node.js 20 and npm: skipped without them on a user's
+machine, a failure in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from agent.wire import columnar
+
+REPO = Path(__file__).resolve().parent.parent
+JS = REPO / "decoders" / "js"
+GOLDEN = REPO / "tests" / "golden" / "wire"
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The node binary, with decoders/js's packages installed (`npm ci`, from package-lock.json)."""
+    exe, npm = shutil.which("node"), shutil.which("npm")
+    if not (exe and npm):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but node or npm is missing: the JavaScript decoder cannot be checked")
+        pytest.skip("Node.js and npm are not installed: the JavaScript decoder is not checked here")
+    if not (JS / "node_modules" / "@msgpack" / "msgpack").is_dir():
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, capture_output=True, timeout=300)
+    return exe
+
+
+def _run(node: str, files: list[Path]) -> list[dict]:
+    out = subprocess.run([node, str(JS / "cli.js"), *map(str, files)], capture_output=True, text=True, timeout=60)
+    assert out.stderr == ""
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_golden_vectors_are_complete():
+    names = sorted(p.stem for p in GOLDEN.glob("*.bin"))
+    assert len(names) >= 8 and names == sorted(p.stem for p in GOLDEN.glob("*.json"))
+
+
+def test_js_decoder_makes_the_golden_json_of_every_vector(node):
+    files = sorted(GOLDEN.glob("*.bin"))
+    decoded = _run(node, files)
+    assert len(decoded) == len(files)
+    for path, got in zip(files, decoded):
+        expected = json.loads(path.with_suffix(".json").read_text())
+        assert got == expected, path.name
+
+
+def test_js_decoder_refuses_malformed_payloads(node, tmp_path):
+    good = (GOLDEN / "course_wrap.bin").read_bytes()
+    cases = {
+        "empty": b"",
+        "v1_prefix": b"\x78" + good[1:],
+        "truncated": good[:-5],
+        "garbage": b"\x02" + os.urandom(64),
+        "version_3": columnar.PREFIX + zlib.compress(msgspec.msgpack.encode([3, "d"]), 9, -15),
+        "long_column": columnar.PREFIX + zlib.compress(msgspec.msgpack.encode(
+            [2, "d", [1, [[[1, 2]], [[1000]], [[1]], [[1]]]]]), 9, -15),
+        "bomb": columnar.PREFIX + zlib.compress(b"\x00" * (17 * 1024 * 1024), 9, -15),
+    }
+    files = []
+    for name, payload in cases.items():
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(payload)
+        files.append(path)
+    results = _run(node, files)
+    assert all("error" in r and r["error"].startswith("v2: ") for r in results), results
