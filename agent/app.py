@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # CAN never imports python-can.
 SOURCE_FACTORIES: dict[str, str] = {
     "gps:serial": "agent.sources.gps_serial:GpsSerialSource",
+    "gps:gpsd": "agent.sources.gpsd:GpsdSource",
 }
 
 

@@ -14,7 +14,8 @@ import pytest
 from agent.config import GpsConfig
 from agent.decode.nmea import checksum
 from agent.record import Event, Fix, Record, iso_utc
-from agent.sources.gps_serial import GpsHealth, GpsSerialSource
+from agent.sources.gps_health import GpsHealth
+from agent.sources.gps_serial import GpsSerialSource
 from conftest import PtyGps, wait_until
 
 

@@ -6,8 +6,8 @@ tries again every ``gps.reopen_interval_s`` until it is back; it logs once more 
 that goes quiet for ``gps.epoch_timeout_s`` completes the epoch being assembled, so a receiver that
 sends only part of what the decoder could wait for still yields one fix per epoch.
 
-Besides fixes it emits ``Event`` records for the backend (see :class:`GpsHealth`): ``gps_lost``,
-``gps_regained`` and ``gps_silent``.
+Besides fixes it emits ``Event`` records for the backend (see
+:class:`agent.sources.gps_health.GpsHealth`): ``gps_lost``, ``gps_regained`` and ``gps_silent``.
 """
 
 from __future__ import annotations
@@ -18,97 +18,16 @@ import threading
 
 from agent.clock import Clock
 from agent.config import GpsConfig
-from agent.decode.nmea import NmeaDecoder, invalid_reason
+from agent.decode.nmea import NmeaDecoder
 from agent.pipeline import Emit
 from agent.record import Event, Fix, Record
+from agent.sources.gps_health import GpsHealth
 
 log = logging.getLogger(__name__)
-
-# A fix is lost when this many epochs in a row bring no valid fix (one bad epoch is noise).
-LOST_AFTER_EPOCHS = 2
-
 
 def floor_utc(day: _dt.date) -> float:
     """Unix seconds of 00:00 UTC on ``day``."""
     return _dt.datetime(day.year, day.month, day.day, tzinfo=_dt.timezone.utc).timestamp()
-
-
-class GpsHealth:
-    """Turns what a receiver does into ``gps_lost`` / ``gps_regained`` / ``gps_silent`` events.
-
-    States: ``unknown`` (start), ``fix``, ``no_fix``, ``silent``. ``gps_lost`` when a fix was held and
-    :data:`LOST_AFTER_EPOCHS` epochs brought no valid one; ``gps_silent`` when nothing came for
-    ``silent_timeout_s`` (port gone, receiver dead, wrong baud rate); ``gps_regained`` at the first
-    valid fix after either. Pure state machine: the caller passes the clocks' readings.
-    """
-
-    def __init__(self, silent_timeout_s: float) -> None:
-        self.silent_timeout_s = silent_timeout_s
-        self.state = "unknown"
-        self.last_data_mono: float | None = None
-        self.last_fix: tuple[float, float, Fix] | None = None  # (utc, mono, fix) of the last valid fix
-        self._bad_epochs = 0
-        self._since_mono: float | None = None  # when the current outage began
-
-    def data(self, mono: float) -> None:
-        """Bytes (or a report) arrived."""
-        self.last_data_mono = mono
-        if self._since_mono is None:
-            self._since_mono = mono
-
-    def epoch(self, utc: float | None, mono: float, fix: Fix | None) -> Event | None:
-        """One receiver epoch ended, with its fix (None: no position). Returns an event or None."""
-        if fix is not None and invalid_reason(fix) is None and utc is not None:
-            self._bad_epochs = 0
-            previous, self.state = self.state, "fix"
-            self.last_fix = (utc, mono, fix)
-            if previous in ("no_fix", "silent"):
-                outage = None if self._since_mono is None else round(mono - self._since_mono, 3)
-                self._since_mono = None
-                return Event(type="gps_regained", lat=fix.lat, lon=fix.lon, attrs={"outage_s": outage})
-            self._since_mono = None
-            return None
-        self._bad_epochs += 1
-        if self.state == "fix" and self._bad_epochs >= LOST_AFTER_EPOCHS:
-            self.state = "no_fix"
-            self._since_mono = mono
-            return self._event("gps_lost")
-        if self.state == "unknown" and self._bad_epochs >= LOST_AFTER_EPOCHS:
-            self.state = "no_fix"
-            self._since_mono = mono
-        return None
-
-    def tick(self, mono: float) -> Event | None:
-        """Called regularly; reports silence once per silent spell."""
-        if self.state == "silent":
-            return None
-        last = self.last_data_mono
-        if last is None:
-            last = self._since_mono
-            if last is None:
-                self._since_mono = mono
-                return None
-        if mono - last >= self.silent_timeout_s:
-            self.state = "silent"
-            self._bad_epochs = 0
-            if self._since_mono is None:
-                self._since_mono = last
-            return self._event("gps_silent", {"silent_s": round(mono - last, 3)})
-        return None
-
-    def _event(self, kind: str, attrs: dict | None = None) -> Event:
-        if self.last_fix is None:
-            return Event(type=kind, attrs=attrs or {})
-        fix = self.last_fix[2]
-        return Event(type=kind, lat=fix.lat, lon=fix.lon, attrs=attrs or {})
-
-    def event_utc(self, wall: float, mono: float) -> float:
-        """The UTC to stamp an event with: the last GPS time carried forward by the monotonic clock
-        (the host clock of a Pi may be unset), else the wall clock."""
-        if self.last_fix is None:
-            return wall
-        utc, fix_mono, _ = self.last_fix
-        return utc + (mono - fix_mono)
 
 
 class GpsSerialSource:
@@ -209,8 +128,7 @@ class GpsSerialSource:
         if event is None:
             return
         log.info("gps: %s (%s)", event.type, self.config.port)
-        mono = self.clock.monotonic()
-        emit(Record(utc=self.health.event_utc(self.clock.wall(), mono), mono=mono, data=event))
+        emit(self.health.record(event, self.clock.wall(), self.clock.monotonic()))
 
 
 def _reason(exc: BaseException) -> str:
