@@ -1,0 +1,355 @@
+"""Remote management over MQTT: settings and fence sets on one topic, a few commands on another.
+
+Topics (below ``{topic_prefix}/{device_id}/``), JSON payloads, answers on ``response``:
+
+- ``config``: ``{"id": "c1", "settings": {"gps": {"baud": 38400}}, "geofences": {...GeoJSON...},
+  "geofences_version": "v42"}`` (``settings`` and/or ``geofences``). Settings are merged over the
+  config file, validated with the same schema (a refusal names the key and the problem), then the
+  change is saved and applied at once. If the broker cannot be reached within
+  ``remote.rollback_timeout_s`` after applying, the previous settings and fences come back.
+- ``command``: ``{"id": "k1", "command": "status" | "flush" | "set_log_level" | "restart",
+  "args": {...}}``. Anything else is refused and logged.
+
+The remote state lives in ``{data_dir}/remote.json`` (written atomically: settings, fences and
+what they replaced); the config file under /etc stays as the installer wrote it. A change still
+"pending" when the agent restarts (the new settings killed it) is given ``MAX_PENDING_STARTS``
+starts to reach the broker, then rolled back at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import msgspec
+import yaml
+
+from agent.clock import Clock
+from agent.config import Config, ConfigError, load_config, parse_config
+from agent.processors.state import StateFile
+
+log = logging.getLogger(__name__)
+
+REMOTE_STATE = "remote"  # {data_dir}/remote.json
+COMMANDS = ("status", "flush", "set_log_level", "restart")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Starts allowed with a change that has not yet been confirmed by reaching the broker.
+MAX_PENDING_STARTS = 2
+# Settings that would make the device someone else, or lose its buffer: only the installer changes them.
+LOCKED = (("device", "id"), ("device", "data_dir"))
+RESPONSE_RETRY_S = 0.5
+
+
+class Link(Protocol):
+    """What remote management needs of the MQTT link (agent.publish.mqtt_link.MqttLink has it)."""
+
+    def publish_message(self, topic_suffix: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool: ...
+
+    def subscribe(self, topic_suffix: str, callback: Callable[[bytes], None]) -> None: ...
+
+
+class RemoteError(ValueError):
+    """A request that cannot be applied; the message is the reason sent back."""
+
+
+def config_version(config: Config) -> str:
+    """A short digest of the effective settings, shown by ``status`` and in responses."""
+    return hashlib.sha256(msgspec.json.encode(config)).hexdigest()[:12]
+
+
+def merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """``change`` deep-merged over ``base`` (mappings merged key by key; anything else replaced)."""
+    out = dict(base)
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _raw_file(path: Path) -> dict[str, Any]:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def validate_settings(file_raw: dict[str, Any], settings: Any) -> Config:
+    """The config that ``settings`` over the file's would give; RemoteError says why not."""
+    if not isinstance(settings, dict):
+        raise RemoteError("settings must be an object of config sections")
+    for section, key in LOCKED:
+        if isinstance(settings.get(section), dict) and key in settings[section]:
+            raise RemoteError(f"{section}.{key} cannot be changed remotely")
+    try:
+        return parse_config(yaml.safe_dump(merge(file_raw, settings)), source="settings")
+    except ConfigError as exc:
+        raise RemoteError(str(exc)) from exc
+
+
+class RemoteStore:
+    """``{data_dir}/remote.json``: the remote settings and fence set, and what they replaced."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self._file = StateFile(data_dir, REMOTE_STATE)
+        self.state: dict[str, Any] = self._file.load()
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.state.get("settings") or {}
+
+    @property
+    def fences(self) -> dict[str, Any] | None:
+        """``{"geojson": ..., "version": ...}`` or None when no fence set was received."""
+        return self.state.get("fences")
+
+    @property
+    def pending(self) -> bool:
+        return self.state.get("status") == "pending"
+
+    def save(self, state: dict[str, Any]) -> None:
+        self._file.save(state)
+        self.state = state
+
+    def stage(self, request_id: str | None, settings: dict[str, Any], fences: dict[str, Any] | None) -> dict[str, Any]:
+        """Save the new state as pending, keeping the current one to roll back to; returns the old state."""
+        previous = {k: self.state.get(k) for k in ("settings", "fences")}
+        self.save({"status": "pending", "request_id": request_id, "settings": settings, "fences": fences,
+                   "previous": previous, "starts": 0})
+        return previous
+
+    def confirm(self) -> None:
+        self.save({**self.state, "status": "confirmed", "previous": None})
+
+    def roll_back(self, reason: str) -> None:
+        previous = self.state.get("previous") or {}
+        self.save({"status": "rolled_back", "request_id": self.state.get("request_id"), "reason": reason,
+                   "settings": previous.get("settings"), "fences": previous.get("fences"), "previous": None})
+
+
+def load_effective_config(path: str | Path) -> Config:
+    """The config file with the remote settings merged over it (the agent starts with this).
+
+    A change still pending after ``MAX_PENDING_STARTS`` starts is rolled back here: it kept the
+    agent from reaching the broker (or from running at all).
+    """
+    path = Path(path)
+    base = load_config(path)
+    store = RemoteStore(base.device.data_dir)
+    if store.pending:
+        starts = int(store.state.get("starts", 0)) + 1
+        if starts > MAX_PENDING_STARTS:
+            log.warning("remote change %s never reached the broker in %d starts: rolling back",
+                        store.state.get("request_id"), MAX_PENDING_STARTS)
+            store.roll_back(f"not confirmed after {MAX_PENDING_STARTS} starts")
+        else:
+            store.save({**store.state, "starts": starts})
+    if not store.settings:
+        return base
+    try:
+        return validate_settings(_raw_file(path), store.settings)
+    except RemoteError as exc:
+        # The file changed under the remote settings so that they no longer fit: the file wins.
+        log.error("ignoring the remote settings in %s: %s", store._file.path, exc)
+        return base
+
+
+class RemoteManager:
+    """Serves the config and command topics; ``run(stop)`` in its own thread (it waits for the link).
+
+    ``apply(config)`` puts a new Config into effect and returns once it is (the lead's composition
+    root: e.g. reconnect the link with new mqtt settings); ``link_up()`` says whether the broker is
+    connected; ``parse_fences(bytes)`` validates a GeoJSON fence set (GeofenceSet.from_geojson) and
+    ``replace_fences(set, version)`` swaps it in. ``flush(timeout) -> bool``, ``restart()`` and
+    ``status() -> dict`` serve the commands of the same names.
+    """
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        config: Config,
+        link: Link,
+        clock: Clock,
+        *,
+        apply: Callable[[Config], None],
+        link_up: Callable[[], bool],
+        status: Callable[[], dict[str, Any]],
+        flush: Callable[[float], bool],
+        restart: Callable[[], None],
+        parse_fences: Callable[[bytes], Any] | None = None,
+        replace_fences: Callable[[Any, str | None], None] | None = None,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.config = config
+        self.link = link
+        self.clock = clock
+        self.store = RemoteStore(config.device.data_dir)
+        self._apply = apply
+        self._link_up = link_up
+        self._status = status
+        self._flush = flush
+        self._restart = restart
+        self._parse_fences = parse_fences
+        self._replace_fences = replace_fences
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
+
+    @property
+    def version(self) -> str:
+        return config_version(self.config)
+
+    def start_listening(self) -> None:
+        """Subscribe to the config and command topics (paho's thread only queues; ``run`` works)."""
+        self.link.subscribe("config", lambda payload: self._enqueue("config", payload))
+        self.link.subscribe("command", lambda payload: self._enqueue("command", payload))
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        try:
+            self._inbox.put_nowait((topic, payload))
+        except queue.Full:
+            log.warning("remote management busy: dropped a %s message", topic)
+
+    def run(self, stop: threading.Event) -> None:
+        """Confirm a change left pending by the last run, then serve requests until ``stop``."""
+        self.start_listening()
+        if self.store.pending:
+            log.info("remote change %s is pending: waiting for the broker", self.store.state.get("request_id"))
+            self._confirm_or_roll_back(self.store.state.get("request_id"), stop)
+        while not stop.is_set():
+            try:
+                topic, payload = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            request_id = None
+            try:
+                request = json.loads(payload)
+                if not isinstance(request, dict):
+                    raise RemoteError("the request must be a JSON object")
+                request_id = request.get("id")
+                if topic == "config":
+                    self.change(request, stop)
+                else:
+                    self.command(request)
+            except ValueError as exc:  # RemoteError, and JSON that does not parse
+                reason = str(exc) if isinstance(exc, RemoteError) else f"not valid JSON: {exc}"
+                log.warning("remote %s %s refused: %s", topic, request_id or "(no id)", reason)
+                self.respond({"id": request_id, "ok": False, "error": reason})
+
+    # -- settings and fences --------------------------------------------------------------------
+
+    def change(self, request: dict[str, Any], stop: threading.Event) -> None:
+        """Validate, save and apply one config request; confirm it or roll it back."""
+        request_id = request.get("id")
+        unknown = set(request) - {"id", "settings", "geofences", "geofences_version"}
+        if unknown:
+            raise RemoteError(f"unknown keys in the request: {sorted(unknown)}")
+        if "settings" not in request and "geofences" not in request:
+            raise RemoteError("nothing to change: give settings and/or geofences")
+        settings = self.store.settings
+        new_config = self.config
+        if "settings" in request:
+            settings = merge(settings, request["settings"]) if isinstance(request["settings"], dict) else request["settings"]
+            new_config = validate_settings(self._file_raw(), settings)
+        fences = self.store.fences
+        fence_set = None
+        if "geofences" in request:
+            if self._parse_fences is None:
+                raise RemoteError("this agent has no geofence processor")
+            fences = {"geojson": request["geofences"], "version": request.get("geofences_version")}
+            fence_set = self._parse(fences)
+        self.store.stage(request_id, settings, fences)
+        log.info("remote change %s: applying (config %s)", request_id, config_version(new_config))
+        self._put_into_effect(new_config, fence_set, fences)
+        self._confirm_or_roll_back(request_id, stop)
+
+    def _parse(self, fences: dict[str, Any]) -> Any:
+        try:
+            return self._parse_fences(json.dumps(fences["geojson"]).encode())
+        except ValueError as exc:
+            raise RemoteError(f"geofences: {exc}") from exc
+
+    def _file_raw(self) -> dict[str, Any]:
+        try:
+            return _raw_file(self.config_path)
+        except (OSError, yaml.YAMLError, ConfigError) as exc:
+            raise RemoteError(f"cannot read the config file {self.config_path}: {exc}") from exc
+
+    def _put_into_effect(self, config: Config, fence_set: Any, fences: dict[str, Any] | None) -> None:
+        if config is not self.config:
+            self._apply(config)
+            self.config = config
+        if fence_set is not None:
+            self._replace_fences(fence_set, (fences or {}).get("version"))
+
+    def _wait_for_link(self, stop: threading.Event) -> bool:
+        deadline = self.clock.monotonic() + self.config.remote.rollback_timeout_s
+        while not stop.is_set() and self.clock.monotonic() < deadline:
+            if self._link_up():
+                return True
+            stop.wait(0.1)
+        return self._link_up()
+
+    def _confirm_or_roll_back(self, request_id: str | None, stop: threading.Event) -> None:
+        timeout = self.config.remote.rollback_timeout_s
+        if self._wait_for_link(stop):
+            self.store.confirm()
+            log.info("remote change %s confirmed: broker reachable", request_id)
+            self.respond({"id": request_id, "ok": True, "config_version": self.version,
+                          "geofences_version": (self.store.fences or {}).get("version")})
+            return
+        if stop.is_set():
+            return  # still pending: the next start decides
+        reason = f"the broker was not reachable within {timeout:g} s after applying: rolled back"
+        log.warning("remote change %s: %s", request_id, reason)
+        previous = self.store.state.get("previous") or {}
+        self.store.roll_back(reason)
+        old_config = validate_settings(self._file_raw(), previous.get("settings") or {})
+        old_fences = previous.get("fences")
+        fence_set = None
+        if self._replace_fences is not None and self._parse_fences is not None:
+            fence_set = self._parse(old_fences) if old_fences else self._parse({"geojson": {"type": "FeatureCollection", "features": []}})
+        self._put_into_effect(old_config, fence_set, old_fences)
+        self._wait_for_link(stop)
+        self.respond({"id": request_id, "ok": False, "rolled_back": True, "error": reason,
+                      "config_version": self.version})
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    def command(self, request: dict[str, Any]) -> None:
+        """Run one allowlisted command and answer it."""
+        request_id, name, args = request.get("id"), request.get("command"), request.get("args") or {}
+        if name not in COMMANDS:
+            raise RemoteError(f"command {name!r} is not allowed (allowed: {', '.join(COMMANDS)})")
+        if not isinstance(args, dict):
+            raise RemoteError("args must be an object")
+        log.info("remote command %s (%s)", name, request_id)
+        if name == "status":
+            self.respond({"id": request_id, "ok": True, "result": self._status()})
+        elif name == "flush":
+            timeout = float(args.get("timeout_s", self.config.power.flush_timeout_s))
+            self.respond({"id": request_id, "ok": True, "result": {"flushed": self._flush(timeout)}})
+        elif name == "set_log_level":
+            level = str(args.get("level", "")).upper()
+            if level not in LOG_LEVELS:
+                raise RemoteError(f"level must be one of {', '.join(LOG_LEVELS)}")
+            logging.getLogger().setLevel(level)
+            log.warning("log level set to %s remotely (until restart)", level)
+            self.respond({"id": request_id, "ok": True, "result": {"level": level}})
+        else:  # restart: answer first, the restart takes the link down
+            self.respond({"id": request_id, "ok": True, "result": {"restarting": True}})
+            self._restart()
+
+    def respond(self, response: dict[str, Any]) -> bool:
+        """Publish on ``response``; retried briefly while the link is down (then logged and dropped)."""
+        payload = json.dumps(response, separators=(",", ":"), default=str).encode()
+        for _ in range(int(10 / RESPONSE_RETRY_S)):
+            if self.link.publish_message("response", payload, qos=1):
+                return True
+            threading.Event().wait(RESPONSE_RETRY_S)
+        log.warning("could not send the response to %s: broker not reachable", response.get("id"))
+        return False

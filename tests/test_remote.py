@@ -1,0 +1,271 @@
+"""Remote management against a real Mosquitto: a plain paho client stands in for the agent's link,
+another plays ops. Valid change applies; invalid is refused with a reason; a change that cuts the
+broker link is rolled back; only allowlisted commands run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import free_port, wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.clock import SystemClock
+from agent.config import load_config
+from agent.ops.remote import MAX_PENDING_STARTS, RemoteManager, RemoteStore, config_version, load_effective_config
+from agent.processors.geofence import GeofenceProcessor, GeofenceSet
+
+DEVICE = "truck-7"
+FENCES = {
+    "type": "FeatureCollection",
+    "features": [{"type": "Feature", "id": "depot", "properties": {"name": "Depot", "type": "depot"},
+                  "geometry": {"type": "Polygon", "coordinates": [[[13.0, 52.0], [13.01, 52.0], [13.01, 52.01],
+                                                                   [13.0, 52.01], [13.0, 52.0]]]}}],
+}
+
+
+class PahoLink:
+    """The agent link's interface (publish_message / subscribe) on a plain paho client."""
+
+    def __init__(self, port: int) -> None:
+        self.connected = threading.Event()
+        self.subs: dict[str, object] = {}
+        self.client: mqtt.Client | None = None
+        self.connect(port)
+
+    def connect(self, port: int) -> None:
+        """(Re)connect to ``port``, as the real link would after new mqtt settings."""
+        self.close()
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{DEVICE}-{uuid.uuid4().hex[:6]}")
+        client.reconnect_delay_set(0.1, 0.3)
+        client.on_connect = self._on_connect
+        client.on_disconnect = lambda *a: self.connected.clear()
+        client.on_message = lambda c, u, m: self.subs[m.topic](m.payload) if m.topic in self.subs else None
+        client.connect_async("127.0.0.1", port)
+        client.loop_start()
+        self.client = client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            return
+        for topic in self.subs:
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+
+    def publish_message(self, topic_suffix, payload, qos=1, retain=False) -> bool:
+        if not self.connected.is_set():
+            return False
+        return self.client.publish(f"telematics/{DEVICE}/{topic_suffix}", payload, qos=qos, retain=retain).rc == 0
+
+    def subscribe(self, topic_suffix, callback) -> None:
+        topic = f"telematics/{DEVICE}/{topic_suffix}"
+        self.subs[topic] = callback
+        if self.connected.is_set():
+            self.client.subscribe(topic, qos=1)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.connected.clear()
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.client = None
+
+
+class Ops:
+    """The operator's side: publishes requests, collects responses."""
+
+    def __init__(self, port: int) -> None:
+        self.responses: queue.Queue[dict] = queue.Queue()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="ops")
+        self.client.on_message = lambda c, u, m: self.responses.put(json.loads(m.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"telematics/{DEVICE}/response", qos=1)
+        self.client.loop_start()
+
+    def send(self, topic: str, request: dict | bytes, timeout: float = 10.0) -> dict:
+        """Publish ``request`` and return the response with its id (others, e.g. late warm-ups, are skipped)."""
+        payload = request if isinstance(request, bytes) else json.dumps(request).encode()
+        wanted = None if isinstance(request, bytes) else request.get("id")
+        self.client.publish(f"telematics/{DEVICE}/{topic}", payload, qos=1).wait_for_publish(5)
+        while True:
+            response = self.responses.get(timeout=timeout)
+            if response.get("id") == wanted:
+                return response
+
+    def wait_until_served(self) -> None:
+        """Subscriptions on both sides are asynchronous: ping until a response comes back."""
+        for attempt in range(50):
+            try:
+                self.send("command", {"id": f"warm-up-{attempt}", "command": "status"}, timeout=0.2)
+                return
+            except queue.Empty:
+                continue
+        raise AssertionError("remote management never answered")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Agentish:
+    """What the composition root gives RemoteManager: apply, link state, flush, restart, status."""
+
+    def __init__(self, link: PahoLink, fences: GeofenceProcessor) -> None:
+        self.link = link
+        self.fences = fences
+        self.applied: list = []
+        self.flushes: list[float] = []
+        self.restarts = 0
+
+    def apply(self, config) -> None:
+        self.applied.append(config)
+        self.link.connect(config.mqtt.port)
+
+    def flush(self, timeout: float) -> bool:
+        self.flushes.append(timeout)
+        return True
+
+    def restart(self) -> None:
+        self.restarts += 1
+
+
+@pytest.fixture
+def setup(tmp_path, mosquitto, data_dir):
+    config_path = tmp_path / "agent.yaml"
+    config_path.write_text(
+        f"device:\n  id: {DEVICE}\n  data_dir: {data_dir}\nmqtt:\n  port: {mosquitto.port}\n"
+        "remote:\n  rollback_timeout_s: 1.5\n"
+    )
+    config = load_effective_config(config_path)
+    link = PahoLink(config.mqtt.port)
+    processor = GeofenceProcessor(config.edge.geofences, data_dir)
+    agent = Agentish(link, processor)
+    manager = RemoteManager(
+        config_path, config, link, SystemClock(), apply=agent.apply, link_up=link.connected.is_set,
+        status=lambda: {"device_id": DEVICE, "gps": {"fix": True}}, flush=agent.flush, restart=agent.restart,
+        parse_fences=GeofenceSet.from_geojson, replace_fences=processor.replace,
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=manager.run, args=(stop,), daemon=True)
+    thread.start()
+    wait_until(link.connected.is_set, message="the link")
+    ops = Ops(mosquitto.port)
+    ops.wait_until_served()
+    yield config_path, manager, agent, ops
+    stop.set()
+    thread.join(10)
+    ops.close()
+    link.close()
+
+
+def test_a_valid_change_applies(setup):
+    config_path, manager, agent, ops = setup
+    response = ops.send("config", {"id": "c1", "settings": {"gps": {"baud": 38400}, "power": {"run_on_s": 30}}})
+    assert response["ok"] is True and response["id"] == "c1", response
+    assert [c.gps.baud for c in agent.applied] == [38400]
+    assert response["config_version"] == config_version(agent.applied[0]) == manager.version
+    # Saved: the next start has it too, and the file under /etc is untouched.
+    reloaded = load_effective_config(config_path)
+    assert (reloaded.gps.baud, reloaded.power.run_on_s) == (38400, 30)
+    assert load_config(config_path).gps.baud == 9600
+    assert RemoteStore(manager.config.device.data_dir).state["status"] == "confirmed"
+    # A second change keeps the first.
+    assert ops.send("config", {"id": "c2", "settings": {"gps": {"port": "/dev/ttyUSB0"}}})["ok"]
+    assert (load_effective_config(config_path).gps.baud, load_effective_config(config_path).gps.port) == (38400, "/dev/ttyUSB0")
+
+
+@pytest.mark.parametrize(
+    "request_, reason",
+    [
+        ({"id": "x", "settings": {"gps": {"baud": "fast"}}}, "settings: gps.baud: expected int, got str"),
+        ({"id": "x", "settings": {"gps": {"bud": 4800}}}, "gps.bud: unknown key"),
+        ({"id": "x", "settings": {"mqtt": {"port": 0}}}, "mqtt.port: expected int >= 1"),
+        ({"id": "x", "settings": {"device": {"id": "someone-else"}}}, "device.id cannot be changed remotely"),
+        ({"id": "x", "settings": {}, "extra": 1}, "unknown keys in the request: ['extra']"),
+        ({"id": "x"}, "nothing to change"),
+        ({"id": "x", "geofences": {"type": "Nonsense"}}, "geofences: "),
+    ],
+)
+def test_an_invalid_change_is_refused_with_a_reason(setup, request_, reason):
+    config_path, manager, agent, ops = setup
+    before = manager.version
+    response = ops.send("config", request_)
+    assert response["ok"] is False and response["id"] == "x"
+    assert reason in response["error"], response["error"]
+    assert agent.applied == [] and manager.version == before
+    assert load_effective_config(config_path).gps.baud == 9600
+
+
+def test_not_json_is_refused(setup):
+    _, _, agent, ops = setup
+    response = ops.send("config", b"{not json")
+    assert response["ok"] is False and response["error"].startswith("not valid JSON")
+
+
+def test_a_change_that_cuts_the_broker_link_is_rolled_back(setup, mosquitto):
+    config_path, manager, agent, ops = setup
+    dead_port = free_port()
+    response = ops.send("config", {"id": "cut", "settings": {"mqtt": {"port": dead_port}}}, timeout=20)
+    assert response["ok"] is False and response["rolled_back"] is True, response
+    assert "not reachable within 1.5 s" in response["error"]
+    assert [c.mqtt.port for c in agent.applied] == [dead_port, mosquitto.port]
+    assert manager.config.mqtt.port == mosquitto.port
+    assert load_effective_config(config_path).mqtt.port == mosquitto.port
+    assert RemoteStore(manager.config.device.data_dir).state["status"] == "rolled_back"
+    # Still managed afterwards.
+    assert ops.send("command", {"id": "s", "command": "status"})["ok"] is True
+
+
+def test_a_fence_set_goes_the_same_way(setup):
+    config_path, manager, agent, ops = setup
+    response = ops.send("config", {"id": "f1", "geofences": FENCES, "geofences_version": "depot-v1"})
+    assert response == {"id": "f1", "ok": True, "config_version": manager.version, "geofences_version": "depot-v1"}
+    assert agent.fences.version == "depot-v1" and len(agent.fences.set) == 1
+    assert agent.applied == []  # settings unchanged: nothing restarted
+    assert RemoteStore(manager.config.device.data_dir).fences["version"] == "depot-v1"
+
+
+def test_allowlisted_commands(setup):
+    _, _, agent, ops = setup
+    assert ops.send("command", {"id": "1", "command": "status"})["result"] == {"device_id": DEVICE, "gps": {"fix": True}}
+    assert ops.send("command", {"id": "2", "command": "flush", "args": {"timeout_s": 5}})["result"] == {"flushed": True}
+    assert agent.flushes == [5.0]
+    root = logging.getLogger()
+    level = root.level
+    try:
+        assert ops.send("command", {"id": "3", "command": "set_log_level", "args": {"level": "debug"}})["ok"]
+        assert root.level == logging.DEBUG
+        refused = ops.send("command", {"id": "4", "command": "set_log_level", "args": {"level": "LOUD"}})
+        assert refused["ok"] is False and "level must be one of" in refused["error"]
+    finally:
+        root.setLevel(level)
+    assert ops.send("command", {"id": "5", "command": "restart"})["result"] == {"restarting": True}
+    wait_until(lambda: agent.restarts == 1, message="the restart")
+
+
+def test_commands_outside_the_allowlist_are_refused_and_logged(setup, caplog):
+    _, _, agent, ops = setup
+    with caplog.at_level(logging.WARNING, logger="agent.ops.remote"):
+        response = ops.send("command", {"id": "evil", "command": "shell", "args": {"cmd": "rm -rf /"}})
+    assert response["ok"] is False
+    assert response["error"] == "command 'shell' is not allowed (allowed: status, flush, set_log_level, restart)"
+    assert any("remote command evil refused" in r.getMessage() for r in caplog.records)
+    assert agent.restarts == 0 and agent.flushes == []
+
+
+def test_a_change_pending_across_restarts_is_rolled_back_at_load(tmp_path, data_dir):
+    """The new settings killed the agent before it could confirm them: later starts go back."""
+    config_path = tmp_path / "agent.yaml"
+    config_path.write_text(f"device:\n  id: {DEVICE}\n  data_dir: {data_dir}\n")
+    store = RemoteStore(data_dir)
+    store.save({"status": "confirmed", "settings": {"gps": {"baud": 19200}}, "fences": None})
+    store.stage("bad", {"gps": {"baud": 4800}}, None)
+    for _ in range(MAX_PENDING_STARTS):
+        assert load_effective_config(config_path).gps.baud == 4800  # given its chance
+    assert load_effective_config(config_path).gps.baud == 19200
+    assert RemoteStore(data_dir).state["status"] == "rolled_back"
