@@ -163,3 +163,9 @@ def test_a_missing_wheelhouse_is_refused(tmp_path):
     proc = install("--root", str(tmp_path / "r"), "--wheelhouse", str(tmp_path / "nope"), check=False)
     assert proc.returncode == 2
     assert "no wheelhouse directory" in proc.stderr
+
+
+def test_every_firmware_config_file_is_explained():
+    readme = (REPO / "firmware_config/README.md").read_text()
+    unexplained = [p.name for p in (REPO / "firmware_config").iterdir() if p.name != "README.md" and f"`{p.name}`" not in readme]
+    assert not unexplained, f"firmware_config/README.md does not explain: {unexplained}"
