@@ -215,6 +215,7 @@ class CanReplay:
         end_s: float | None = None,
         loop: bool = False,
         loop_period_s: float | None = None,
+        progress: Progress | None = None,
     ) -> None:
         first = frames[0].timestamp if frames else 0.0
         last = lead_s + (frames[-1].timestamp - first if frames else 0.0)
@@ -224,6 +225,7 @@ class CanReplay:
         ]
         self.duration_s = max(0.0, min(end, last) - start_s)
         self.send = send
+        self.progress = progress
         self.loop = loop
         self.loop_period_s = loop_period_s or self.duration_s + LOOP_GAP_S
         self.sent = 0
@@ -239,6 +241,8 @@ class CanReplay:
                 msg.timestamp = time.time()
                 self.send(msg)
                 self.sent += 1
+                if self.progress is not None:
+                    self.progress(offset, self.duration_s)
             if not self.loop:
                 return
             pass_start += self.loop_period_s
@@ -258,6 +262,7 @@ class Replay:
         *,
         can_bus: can.BusABC | None = None,
         slcan: bool = False,
+        progress: Progress | None = None,
     ) -> None:
         if nmea is None and can_path is None:
             raise ValueError("nothing to replay")
@@ -278,6 +283,8 @@ class Replay:
                 end_s=nmea.end_s if nmea else None,
                 loop=nmea.loop if nmea else False,
                 loop_period_s=nmea.duration_s + LOOP_GAP_S if nmea else None,
+                # With NMEA, the NMEA replay reports progress (drive time is its own).
+                progress=None if nmea else progress,
             )
 
     @property
@@ -382,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
             if args.nmea
             else None
         )
-        replay = Replay(nmea, args.can, slcan=True)
+        replay = Replay(nmea, args.can, slcan=True, progress=bar)
     except OSError as exc:
         raise CommandError(f"cannot read the capture: {exc.strerror or exc}") from exc
     except ValueError as exc:

@@ -49,6 +49,8 @@ def decode_transmit(command: str) -> can.Message:
     kind = command[0]
     extended = kind in "TR"
     id_len = 8 if extended else 3
+    if len(command) < 2 + id_len:
+        raise ValueError(command)
     arbitration_id = int(command[1 : 1 + id_len], 16)
     dlc = int(command[1 + id_len])
     if dlc > 8 or arbitration_id > (0x1FFFFFFF if extended else 0x7FF):

@@ -204,7 +204,7 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
 def test_cli_prints_the_pty_first_links_it_and_exits_0_after_the_reader_drained(tmp_path):
     path = _capture(tmp_path, DAY, [(10, 0, s) for s in range(3)])
     link = tmp_path / "gps0"
-    proc = _cli("--nmea", str(path), "--speed", "10", "--link", str(link))
+    proc = _cli("--nmea", str(path), "--speed", "10", "--link", str(link), "--progress")
     first = proc.stdout.readline()
     assert first.startswith("pty: /dev/pts/")
     pty_path = first.split(": ", 1)[1].strip()
@@ -218,6 +218,7 @@ def test_cli_prints_the_pty_first_links_it_and_exits_0_after_the_reader_drained(
         pass  # the replay exited and took the pty with it
     port.close()
     assert proc.wait(10) == 0
+    assert proc.stderr.read().rstrip().endswith("] 00:02 of 00:02, 00:00 left")  # the progress bar's last state
     assert data.count(b"$GPRMC") >= 2  # the first lines may go before pyserial opened the port (it flushes)
     rmc = [line for line in data.decode("ascii", "replace").splitlines() if line.startswith("$GPRMC") and nmea_writer.checksum_ok(line)]
     assert nmea_writer.time_of_day(rmc[-1]) == 36002.0  # the reader drained it all before the replay exited
