@@ -3,7 +3,8 @@
 Each round plugs the adapter in (a new pty behind the symlink LINK), waits until the host opens
 the channel, reports how it was opened, delivers every frame of the capture, and then waits for a
 line on stdin before it unplugs (closes the pty and removes the link). Output lines, for the test:
-``open listen_only=True bitrate=250`` and ``sent 1815``.
+``open listen_only=True bitrate=250`` and ``sent 1815``. With ``--bitrate-kbit`` frames flow only
+while the host has the adapter at that rate, as on a real bus.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main() -> None:
     parser.add_argument("--capture", required=True)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="deliver the capture this many times per round")
+    parser.add_argument("--bitrate-kbit", type=int, default=None,
+                        help="the bus's bit rate: frames reach the host only when the adapter is set to it")
     args = parser.parse_args()
     frames = [can.Message(arbitration_id=f.id, is_extended_id=f.extended, data=f.data)
               for f in iter_frames(args.capture) if not f.error and not f.remote]
@@ -33,7 +36,8 @@ def main() -> None:
         path = adapter.open_pty()
         os.symlink(path, args.link)
         deadline = time.monotonic() + 30
-        while not adapter.is_open and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (
+                adapter.is_open and args.bitrate_kbit in (None, adapter.bitrate_kbit)):
             time.sleep(0.01)
         print(f"open listen_only={adapter.listen_only} bitrate={adapter.bitrate_kbit}", flush=True)
         sent = 0

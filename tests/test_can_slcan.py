@@ -55,10 +55,10 @@ def test_garbage_lines_raise_only_what_the_reader_catches(line):
 class Emulator:
     """tests/can_slcan_emulator.py in its own process."""
 
-    def __init__(self, link: Path, capture: Path, rounds: int = 1, repeat: int = 1) -> None:
+    def __init__(self, link: Path, capture: Path, rounds: int = 1, *extra: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(EMULATOR), "--link", str(link), "--capture", str(capture), "--rounds", str(rounds),
-             "--repeat", str(repeat)],
+             *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def read(self) -> str:
@@ -128,3 +128,26 @@ def test_can_source_survives_the_adapter_unplugged_and_replugged(tmp_path, corpu
         thread.join(5)
         emulator.close()
     assert not thread.is_alive()
+
+
+def test_the_bit_rate_is_detected_listen_only(tmp_path, corpus):
+    link = tmp_path / "ttyACM0"
+    emulator = Emulator(link, corpus / TRUCK, 1, "--bitrate-kbit", "500")
+    config = CanConfig(buses=[CanBusConfig(name="can1", interface="slcan_buffered", channel=str(link), bitrate=0,
+                                           reopen_interval_s=0.1)])
+    source = CanSource(config, SystemClock())
+    wait_until(link.exists, timeout=10, message="the emulated adapter")
+    records, stop = [], threading.Event()
+    thread = threading.Thread(target=source.run, args=(records.append, stop))
+    thread.start()
+    try:
+        # 250 kbit/s is tried first and hears nothing for a second; 500 kbit/s hears the truck.
+        assert emulator.read() == "open listen_only=True bitrate=500"
+        assert emulator.read() == "sent 1815"
+        wait_until(lambda: source.stats()["frames"] == 1815, timeout=10, message="every frame at 500 kbit/s")
+        assert source.stats()["bitrate"] == 500000
+        emulator.unplug()
+    finally:
+        stop.set()
+        thread.join(5)
+        emulator.close()

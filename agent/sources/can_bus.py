@@ -99,21 +99,20 @@ class CanSource:
         # receive_own_messages off: the OBD-II poller must not read its own requests back.
         return can.Bus(interface=cfg.interface, channel=cfg.channel, **kwargs)
 
-    def _detect_bitrate(self, stop: threading.Event) -> int | None:
-        """Listen at each candidate rate until a valid frame arrives; None if none did."""
+    def _detect_bitrate(self, stop: threading.Event) -> tuple[can.BusABC, can.Message] | None:
+        """Listen at each candidate rate until a valid frame arrives; the bus is left open at that rate."""
         for candidate in DETECT_BITRATES:
             if stop.is_set():
                 return None
             bus = self._open(candidate)
-            try:
-                deadline = time.monotonic() + DETECT_WINDOW_S
-                while time.monotonic() < deadline:
-                    msg = bus.recv(timeout=0.1)
-                    if msg is not None and not msg.is_error_frame:
-                        log.info("%s: bit rate detected: %d bit/s", self.name, candidate)
-                        return candidate
-            finally:
-                bus.shutdown()
+            deadline = time.monotonic() + DETECT_WINDOW_S
+            while time.monotonic() < deadline:
+                msg = bus.recv(timeout=0.1)
+                if msg is not None and not msg.is_error_frame:
+                    log.info("%s: bit rate detected: %d bit/s", self.name, candidate)
+                    self.bitrate = candidate
+                    return bus, msg
+            bus.shutdown()
         return None
 
     # -- running -------------------------------------------------------------------------------------
@@ -122,12 +121,15 @@ class CanSource:
         """Receive until ``stop``; reopen after ``reopen_interval_s`` whenever the bus fails."""
         cfg = self.bus_config
         while not stop.is_set():
+            first = None
             try:
                 if self.bitrate is None and cfg.interface in SETS_BITRATE:
-                    self.bitrate = self._detect_bitrate(stop)
-                    if self.bitrate is None:
+                    detected = self._detect_bitrate(stop)
+                    if detected is None:
                         raise can.CanOperationError("no frames at any bit rate")
-                bus = self._open(self.bitrate)
+                    bus, first = detected
+                else:
+                    bus = self._open(self.bitrate)
             except (can.CanError, OSError, ValueError) as exc:
                 self._failed("cannot open", exc)
                 stop.wait(cfg.reopen_interval_s)
@@ -141,7 +143,7 @@ class CanSource:
                     max_misses=self.config.obd.max_misses, default_period_s=self.config.obd.period_s,
                     read_dtcs_every_s=self.config.obd.dtc_period_s)
             try:
-                self._pump(bus, emit, stop)
+                self._pump(bus, emit, stop, first)
             except (can.CanError, OSError, ValueError) as exc:
                 self._failed("lost", exc)
             finally:
@@ -167,14 +169,14 @@ class CanSource:
                 log.info("%s: bus %s -> %s", self.name, self.state, state)
             self.state = state
 
-    def _pump(self, bus: can.BusABC, emit: Emit, stop: threading.Event) -> None:
+    def _pump(self, bus: can.BusABC, emit: Emit, stop: threading.Event, first: can.Message | None = None) -> None:
         feed = self.sampler.feed
         counts = self._counts
         next_tick = 0.0
         timeout = 0.01 if self.polling else 0.2
         while not stop.is_set():
             out: list[Record] = []
-            msg = bus.recv(timeout=timeout)
+            msg, first = (first, None) if first is not None else (bus.recv(timeout=timeout), None)
             n = 0
             while msg is not None:
                 n += 1
