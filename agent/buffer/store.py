@@ -48,6 +48,7 @@ ROW_OVERHEAD = 16
 MAX_PENDING = 200_000
 
 URGENT, LIVE, BACKLOG = "urgent", "live", "backlog"
+LANES = (URGENT, LIVE, BACKLOG)
 _TABLE = {URGENT: "urgent", LIVE: "records", BACKLOG: "records"}
 
 _encoder = msgspec.msgpack.Encoder()
@@ -77,6 +78,8 @@ class _Counters:
 
 class DurableBuffer:
     """The on-disk queue between the pipeline and the MQTT link (see the module docstring)."""
+
+    LANES = LANES
 
     def __init__(self, directory: Path, config: BufferConfig, clock: Clock) -> None:
         self._dir = Path(directory)
@@ -185,15 +188,29 @@ class DurableBuffer:
 
     # -- the publisher's side -----------------------------------------------------------------
 
+    def lane_of(self, record: Record) -> str:
+        """The lane a taken record came from."""
+        if record.priority == 0:
+            return URGENT
+        return BACKLOG if record.seq < self._live_from else LIVE
+
     @property
     def live_from_seq(self) -> int:
         """Records with a lower ``seq`` were in the store when the link last (re)connected: backlog."""
         return self._live_from
 
-    def take(self, max_records: int, *, timeout_s: float = 30.0, backlog_allowance: int | None = None) -> list[Record]:
+    def take(
+        self,
+        max_records: int,
+        *,
+        timeout_s: float = 30.0,
+        backlog_allowance: int | None = None,
+        lanes: tuple[str, ...] = LANES,
+    ) -> list[Record]:
         """Up to ``max_records`` committed records not in flight, all from one lane (urgent, live, backlog).
 
-        ``backlog_allowance`` caps how many backlog records may be returned (None: no cap). Records not
+        ``backlog_allowance`` caps how many backlog records may be returned (None: no cap); ``lanes``
+        limits which lanes are considered (in the fixed order urgent, live, backlog). Records not
         acknowledged within ``timeout_s`` are returned again by a later call.
         """
         now = self._clock.monotonic()
@@ -201,7 +218,9 @@ class DurableBuffer:
             if self._conn is None:
                 return []
             self._expire(now)
-            for lane in (URGENT, LIVE, BACKLOG):
+            for lane in LANES:
+                if lane not in lanes:
+                    continue
                 limit = max_records
                 if lane == BACKLOG and backlog_allowance is not None:
                     limit = min(limit, backlog_allowance)

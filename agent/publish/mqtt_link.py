@@ -42,6 +42,8 @@ WIRE_VERSION = 1
 CONNACK_TIMEOUT_S = 10.0
 # paho's network loop blocks at most this long, so new batches go out within it.
 LOOP_TIMEOUT_S = 0.05
+# The buffer's lane of records appended since the link came up (agent.buffer's DurableBuffer.LANES).
+LIVE_LANE = "live"
 # MQTT 5 reason code 0x84 "Unsupported Protocol Version" (MQTT 5.0 section 3.2.2.2).
 UNSUPPORTED_PROTOCOL = 0x84
 # MQTT 5 reason code 0x8D "Keep Alive timeout" (section 3.14.2.1); paho reports its own timeout with it.
@@ -151,7 +153,7 @@ class MqttLink:
         self._paho_error: str | None = None
         # Messages logged since the link was last up: a flapping cause is logged once, not per retry.
         self._said: set[str] = set()
-        self._next_take_at = 0.0
+        self._live_take_at = 0.0
         self._stats = {
             "connected": False,
             "protocol": None,
@@ -357,20 +359,19 @@ class MqttLink:
     def _pump(self, client: mqtt.Client) -> None:
         """Publish batches while the PUBACK window and the unconfirmed cap allow."""
         cfg = self._config
-        now = self._clock.monotonic()
-        if now < self._next_take_at:
-            return
         while len(self._window) < cfg.max_inflight and self._buffer.inflight_batches() < cfg.max_unacked_batches:
+            now = self._clock.monotonic()
+            # Events go at once; a partial live batch waits batch_max_wait_s for company, without
+            # holding up the backlog behind it.
+            lanes = tuple(lane for lane in self._buffer.LANES if lane != LIVE_LANE or now >= self._live_take_at)
             records = self._buffer.take(
-                cfg.batch_max_records, timeout_s=cfg.ack_timeout_s, backlog_allowance=self._bucket.allowance()
+                cfg.batch_max_records, timeout_s=cfg.ack_timeout_s, backlog_allowance=self._bucket.allowance(), lanes=lanes
             )
             if not records:
                 break
             self._publish_batch(client, records)
-            if len(records) < cfg.batch_max_records:
-                # A partial batch: wait for more records rather than sending many tiny messages.
-                self._next_take_at = now + cfg.batch_max_wait_s
-                break
+            if len(records) < cfg.batch_max_records and self._buffer.lane_of(records[0]) == LIVE_LANE:
+                self._live_take_at = now + cfg.batch_max_wait_s
 
     def _publish_batch(self, client: mqtt.Client, records: list[Record]) -> None:
         payload, content_type = encode_batch(self._device_id, records, WIRE_VERSION)
