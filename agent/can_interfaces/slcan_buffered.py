@@ -66,8 +66,7 @@ class BufferedSlcanBus(can.BusABC):
         self.channel_info = f"slcan_buffered {channel}"
         self._pending: collections.deque[can.Message] = collections.deque()
         self._buffer = b""
-        self.frames = 0
-        self.bad_lines = 0
+        self.bad_lines = 0  # malformed lines skipped (noise on the serial link)
         try:
             self._port = serial.serial_for_url(channel, baudrate=tty_baudrate, rtscts=rtscts, timeout=0.05)
         except (serial.SerialException, OSError, ValueError) as exc:
@@ -152,7 +151,6 @@ class BufferedSlcanBus(can.BusABC):
                 self.bad_lines += 1
                 continue
             if msg is not None:
-                self.frames += 1
                 self._pending.append(msg)
 
     def send(self, msg: can.Message, timeout: float | None = None) -> None:

@@ -168,11 +168,9 @@ def _layout(sig: cantools.database.can.Signal) -> SignalLayout:
 class J1939Database:
     """DBC messages keyed by PGN: the project's own J1939 DBC plus the user's, later files winning."""
 
-    def __init__(self, messages: Iterable[MessageLayout] = ()) -> None:
+    def __init__(self) -> None:
         self.by_pgn: dict[int, MessageLayout] = {}
         self.standard: dict[int, MessageLayout] = {}  # 11-bit ids of non-J1939 DBC messages
-        for message in messages:
-            self.by_pgn[message.pgn] = message
 
     @classmethod
     def load(cls, paths: Iterable[str | Path] = (), include_packaged: bool = True) -> "J1939Database":
@@ -199,11 +197,3 @@ class J1939Database:
                 self.by_pgn[pgn] = layout
             else:
                 self.standard[message.frame_id] = layout
-
-    def signal(self, name: str) -> tuple[MessageLayout, SignalLayout] | None:
-        """The message and layout of the signal called ``name`` (first match), or None."""
-        for message in [*self.by_pgn.values(), *self.standard.values()]:
-            sig = message.by_name.get(name)
-            if sig is not None:
-                return message, sig
-        return None

@@ -21,7 +21,7 @@ FUNCTIONAL_11 = 0x7DF
 FUNCTIONAL_29 = 0x18DB33F1
 TESTER = 0xF1
 # ISO 15765-2 protocol control information (high nibble of byte 0).
-SINGLE, FIRST, CONSECUTIVE, FLOW_CONTROL = 0, 1, 2, 3
+SINGLE, FIRST, CONSECUTIVE = 0, 1, 2
 # ISO 15765-2 caps an unsegmented-length first frame at 4095 bytes.
 MAX_MESSAGE = 4095
 # ISO 15765-2 N_Cr: a receiver gives up 1000 ms after the last consecutive frame.

@@ -73,6 +73,7 @@ class CanSource:
                         "sent": 0}
         self.state = "closed"  # closed, up, bus_off, down
         self.bitrate: int | None = self.bus_config.bitrate or None
+        self._bus: can.BusABC | None = None
 
     def _mono(self, t: float) -> float:
         return self.clock.monotonic() - (self.clock.wall() - t)
@@ -82,6 +83,8 @@ class CanSource:
         tp = self.sampler.decoder.tp(self.bus_config.name)
         out: dict[str, object] = dict(self._counts, state=self.state, bitrate=self.bitrate,
                                       tp_completed=tp.completed, tp_dropped=tp.dropped)
+        if self._bus is not None and hasattr(self._bus, "bad_lines"):
+            out["bad_lines"] = self._bus.bad_lines  # slcan_buffered: malformed lines from the adapter
         if self.poller is not None:
             out["obd_polled_pids"] = sorted(self.poller.schedule)
             out["obd_dropped_pids"] = sorted(self.poller.dropped_pids)
@@ -135,6 +138,7 @@ class CanSource:
                 stop.wait(cfg.reopen_interval_s)
                 continue
             self._counts["opens"] += 1
+            self._bus = bus
             self._set_state("up")
             if self.polling:
                 self.poller = obd.ObdPoller(

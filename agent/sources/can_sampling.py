@@ -163,7 +163,6 @@ class CanSampler:
         self._mono = mono or (lambda t: t)
         self._configs = list(signals)
         self._by_name: dict[str, list[tuple[CanSignalConfig, Policy]]] = {}
-        self._obd_policies: dict[str, list[Policy]] = {}
         self.decoder = FrameDecoder(db, obd_answers=obd_answers)
         self._plans: dict[int, object] = {}
         self._dtcs: dict[tuple[str, int], DtcSet] = {}
@@ -188,7 +187,7 @@ class CanSampler:
         self._policies.append(policy)
         return policy
 
-    def _plan(self, key: int, can_id: int, extended: bool):
+    def _plan(self, can_id: int, extended: bool):
         """What frames with this id are for: None (nothing), "special", or (layout, [(signal, policy)])."""
         if self._obd_answers and obd.is_response_id(can_id, extended):
             return "special"
@@ -218,7 +217,7 @@ class CanSampler:
         key = can_id | _EXTENDED if extended else can_id
         plan = self._plans.get(key, False)
         if plan is False:
-            plan = self._plans[key] = self._plan(key, can_id, extended)
+            plan = self._plans[key] = self._plan(can_id, extended)
         if plan is None:
             return []
         if plan == "special":
