@@ -235,12 +235,13 @@ def test_broker_ack_mode_frees_records_on_puback(data_dir, mosquitto):
         device.stop()
 
 
-def test_mqtt_311_is_decoded_by_its_bytes(data_dir, mosquitto, collector_sqlite):
-    device = Device(data_dir, mosquitto.port, protocol="3.1.1").start()
+@pytest.mark.parametrize("protocol, wire_version", [("3.1.1", 1), ("3.1.1", 2), ("5", 2)])
+def test_every_wire_version_arrives_with_or_without_a_content_type(data_dir, mosquitto, collector_sqlite, protocol, wire_version):
+    device = Device(data_dir, mosquitto.port, protocol=protocol, wire_version=wire_version).start()
     try:
         device.drive(120)
         wait_stored(collector_sqlite, len(device.appended))
-        assert device.link.stats()["protocol"] == "3.1.1"
+        assert device.link.stats()["protocol"] == protocol
         assert_exactly_once_in_order(collector_sqlite.db_path, device.appended)
     finally:
         device.stop()

@@ -37,7 +37,6 @@ from agent.wire.codec import FORMAT_NAME
 
 log = logging.getLogger(__name__)
 
-WIRE_VERSION = 1
 # Longest wait for the broker's CONNACK after the TCP (and TLS) connection is up (or keepalive_s if shorter).
 CONNACK_TIMEOUT_S = 10.0
 # paho's network loop blocks at most this long, so new batches go out within it.
@@ -374,7 +373,7 @@ class MqttLink:
                 self._live_take_at = now + cfg.batch_max_wait_s
 
     def _publish_batch(self, client: mqtt.Client, records: list[Record]) -> None:
-        payload, content_type = encode_batch(self._device_id, records, WIRE_VERSION)
+        payload, content_type = encode_batch(self._device_id, records, self._config.wire_version)
         backlog = records[-1].seq < self._buffer.live_from_seq
         if backlog and records[0].priority == 1:
             self._bucket.spend(len(records))
@@ -384,7 +383,7 @@ class MqttLink:
             props.ContentType = content_type
             props.UserProperty = [
                 ("format", FORMAT_NAME),
-                ("version", str(WIRE_VERSION)),
+                ("version", str(self._config.wire_version)),
                 ("records", str(len(records))),
                 ("backlog", "1" if backlog else "0"),
             ]
