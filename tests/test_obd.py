@@ -119,12 +119,15 @@ def test_the_real_session_matches_cantools_where_the_dbc_has_the_pid(corpus):
 
 
 class EmulatedEcu:
-    """An engine ECU on the virtual bus answering ISO 15765-4 requests on 7DF/7E0 from 7E8."""
+    """An engine ECU on the virtual bus answering ISO 15765-4 requests: 7DF/7E0 -> 7E8, or on 29-bit
+    ids 18DB33F1/18DA10F1 -> 18DAF110."""
 
     VALUES = {0x0C: bytes([0x1A, 0xF8]), 0x0D: bytes([0x32]), 0x05: bytes([0x7B])}
     SUPPORTED = {0x05, 0x0C, 0x0D, 0x20, 0x2F}  # 0x2F is announced but never answered
 
-    def __init__(self, channel: str) -> None:
+    def __init__(self, channel: str, extended: bool) -> None:
+        self.extended = extended
+        self.answer_id, self.requests_to = (0x18DAF110, (0x18DB33F1, 0x18DA10F1)) if extended else (0x7E8, (0x7DF, 0x7E0))
         self.bus = can.Bus(interface="virtual", channel=channel)
         self.requests: list[bytes] = []
         self.flow_controls = 0
@@ -138,7 +141,8 @@ class EmulatedEcu:
         self.bus.shutdown()
 
     def _send(self, data: bytes) -> None:
-        self.bus.send(can.Message(arbitration_id=0x7E8, is_extended_id=False, data=data.ljust(8, b"\xcc")))
+        self.bus.send(can.Message(arbitration_id=self.answer_id, is_extended_id=self.extended,
+                                  data=data.ljust(8, b"\xcc")))
 
     def _answer(self, payload: bytes) -> None:
         if len(payload) <= 7:
@@ -150,7 +154,7 @@ class EmulatedEcu:
             fc = self.bus.recv(0.5)
             if fc is None:
                 return  # no flow control: the answer is abandoned, as a real ECU would
-            if fc.arbitration_id == 0x7E0 and fc.data[0] == 0x30:
+            if fc.arbitration_id == self.requests_to[1] and fc.data[0] == 0x30:
                 self.flow_controls += 1
                 break
         rest, seq = payload[6:], 1
@@ -161,7 +165,7 @@ class EmulatedEcu:
     def _serve(self) -> None:
         while not self._stop.is_set():
             msg = self.bus.recv(0.05)
-            if msg is None or msg.arbitration_id not in (0x7DF, 0x7E0) or msg.data[0] >> 4 != 0:
+            if msg is None or msg.arbitration_id not in self.requests_to or msg.data[0] >> 4 != 0:
                 continue
             request = bytes(msg.data[1 : 1 + msg.data[0]])
             self.requests.append(request)
@@ -177,14 +181,16 @@ class EmulatedEcu:
                 self._answer(bytes([0x43, 0x03, 0x01, 0x33, 0x04, 0x20, 0xC1, 0x23]))  # 8 bytes: 2 frames
 
 
-def test_polling_an_emulated_ecu_over_the_virtual_bus():
+@pytest.mark.parametrize("extended", [False, True], ids=["11-bit", "29-bit"])
+def test_polling_an_emulated_ecu_over_the_virtual_bus(extended):
     channel = f"obd-{uuid.uuid4().hex}"
-    ecu = EmulatedEcu(channel)
+    ecu = EmulatedEcu(channel, extended)
     config = CanConfig(
         allow_transmit=True,
         buses=[CanBusConfig(name="obd", interface="virtual", channel=channel, protocol="obd2")],
         signals=[CanSignalConfig(signal=s, period_s=0.2) for s in ("EngineRPM", "VehicleSpeed", "EngineCoolantTemp")],
-        obd=ObdPollConfig(pids=[0x0C, 0x0D, 0x05, 0x2F, 0x5E], period_s=0.05, timeout_s=0.05, max_misses=2),
+        obd=ObdPollConfig(pids=[0x0C, 0x0D, 0x05, 0x2F, 0x5E], period_s=0.05, timeout_s=0.05, max_misses=2,
+                          extended_ids=extended),
     )
     source = CanSource(config, SystemClock())
     records, stop = [], threading.Event()
