@@ -21,11 +21,14 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from itertools import accumulate, compress, takewhile
-from operator import attrgetter, not_
+from fractions import Fraction
+from functools import lru_cache
+from itertools import accumulate, compress, repeat, takewhile
+from operator import attrgetter, floordiv, mod, mul, not_, sub, truediv
 from typing import Any, Sequence, Union
 
 import msgspec
+from msgspec.structs import astuple
 
 from agent.record import Event, Fix, Record, Scalar, Signal, Status
 from agent.wire.codec import Batch, WireError
@@ -88,6 +91,10 @@ FIX_NUMBERS: tuple[tuple[str, _Spec | None], ...] = (
 # The fix section's text columns, in wire order.
 FIX_TEXTS = ("status", "faa_mode")
 _FIX_FIELDS = ("seq", "utc") + tuple(name for name, _ in FIX_NUMBERS) + FIX_TEXTS
+_SEQ_UTC = attrgetter("seq", "utc")
+_FIX_STRUCT_FIELDS = tuple(f.name for f in msgspec.structs.fields(Fix))
+# Every field of a Fix travels: a field added to agent/record.py needs a column here (a new version).
+assert sorted(_FIX_STRUCT_FIELDS) == sorted(_FIX_FIELDS[2:]), "FIX_NUMBERS / FIX_TEXTS do not cover Fix"
 
 
 # --- The msgpack body (decoding side: msgspec validates types and shapes in C) --------------------
@@ -171,9 +178,9 @@ def _bitmap(flags: list[bool]) -> bytes:
 
 def _present(values: list[Any]) -> tuple[list[Any], bytes | None] | None:
     """The present values and a presence bitmap (None when all are present); None when none is."""
-    flags = [v is not None for v in values]
-    if all(flags):
+    if None not in values:
         return values, None
+    flags = [v is not None for v in values]
     if not any(flags):
         return None
     return list(compress(values, flags)), _bitmap(flags)
@@ -181,16 +188,18 @@ def _present(values: list[Any]) -> tuple[list[Any], bytes | None] | None:
 
 def _int_col(ints: list[int], present: bytes | None, scale: int | float = 1, modulus: int = 0) -> list[Any]:
     """A column of integers: the delta order and common divisor that make the smallest numbers."""
+    if len(ints) > 1 and ints.count(ints[0]) == len(ints):  # constant (often): what the search below finds
+        return _trim([[ints[0]] if ints[0] else [], 1 if ints[0] else 0, 1, scale, present, modulus], _COL_DEFAULTS)
     # Differences of order 0, 1 and 2 after the items an order keeps (its first `order` items).
     tails = [ints[1:]]
     if len(ints) > 1:
-        d1 = [b - a for a, b in zip(ints, tails[0])]
+        d1 = list(map(sub, tails[0], ints))
         if modulus:  # first differences wrap into [-modulus/2, modulus/2)
             half = modulus // 2
             d1 = [(d + half) % modulus - half for d in d1]
         tails.append(d1)
         if len(ints) > 2:
-            tails.append([d1[0]] + [b - a for a, b in zip(d1, d1[1:])])
+            tails.append([d1[0]] + list(map(sub, d1[1:], d1)))
     best = (math.inf, 0, 1)
     for order, tail in enumerate(tails):
         gcd = math.gcd(*tail) or 1
@@ -200,7 +209,7 @@ def _int_col(ints: list[int], present: bytes | None, scale: int | float = 1, mod
         if not cost:  # all differences zero: nothing can beat it
             break
     _, order, gcd = best
-    tail = tails[order] if gcd == 1 else [d // gcd for d in tails[order]]
+    tail = tails[order] if gcd == 1 else list(map(floordiv, tails[order], repeat(gcd)))
     data = ints[:1] + tail
     zeros = len(list(takewhile(not_, reversed(data))))  # trailing zeros are implied
     return _trim([data[: len(data) - zeros], order, gcd, scale, present, modulus], _COL_DEFAULTS)
@@ -221,6 +230,42 @@ def _ints_column(values: list[Any], field: str) -> list[Any] | None:
     return _int_col(_checked_ints(ints, field), present)
 
 
+@lru_cache(maxsize=None)
+def _ratio(res: int, scale: int) -> tuple[int, int]:
+    """res / scale in lowest terms (numerator, denominator)."""
+    ratio = Fraction(res, scale)
+    return ratio.numerator, ratio.denominator
+
+
+def _scaled(floats: list[float], target: list[int] | None, spec: _Spec, scale: float) -> list[int] | None:
+    """The values as integers at ``scale`` when that keeps every one (at the resolution, or bit for bit)."""
+    first = floats[0]
+    if target is None:  # no stated resolution: every value must come back bit for bit
+        if round(first * scale) / scale != first:
+            return None
+        ints = list(map(round, map(mul, floats, repeat(scale))))
+        return ints if list(map(truediv, ints, repeat(scale))) == floats else None
+    res = spec.resolution
+    if scale == res:
+        return target
+    if float(scale).is_integer():
+        # Exact rational arithmetic on the values at the resolution, t = k * res / scale = k * p / q.
+        p, q = _ratio(res, int(scale))
+        if q == 1:
+            return None if any(map(mod, target, repeat(p))) else list(map(floordiv, target, repeat(p)))
+        t0 = target[0]
+        if (2 * ((2 * t0 * q + p) // (2 * p)) * p + q) // (2 * q) != t0:  # the first value rules most scales out
+            return None
+        ints = [(2 * t * q + p) // (2 * p) for t in target]  # round(t * q / p), ties up: `back` decides
+        back = [(2 * k * p + q) // (2 * q) for k in ints]  # round(k * p / q): no tie, as q (3) is odd
+        return ints if back == target else None
+    if round(round(first * scale) / scale * res) != target[0]:  # the first value rules most scales out
+        return None
+    ints = list(map(round, map(mul, floats, repeat(scale))))
+    back = map(round, map(mul, map(truediv, ints, repeat(scale)), repeat(res)))
+    return ints if list(back) == target else None
+
+
 def _float_column(values: list[Any], spec: _Spec) -> list[Any] | None:
     """Scaled integers at the coarsest candidate scale that keeps every value; raw float64 otherwise."""
     found = _present(values)
@@ -228,24 +273,15 @@ def _float_column(values: list[Any], spec: _Spec) -> list[Any] | None:
         return None
     floats, present = found
     biggest = max(map(abs, floats))
-    if math.isfinite(biggest) and not math.isnan(sum(floats)):
-        res = spec.resolution
-        target = None if res is None or biggest * res > MAX_INT else [round(v * res) for v in floats]
-        first = floats[0]
+    res = spec.resolution
+    # NaN slips through max() but not sum(); scaled magnitudes past MAX_INT cannot travel as integers.
+    if math.isfinite(biggest) and not math.isnan(sum(floats)) and biggest * (res or 1) <= MAX_INT:
+        target = None if res is None else list(map(round, map(mul, floats, repeat(res))))
         for scale in spec.candidates:  # ascending
-            if biggest * scale > MAX_INT or (res is not None and target is None):
+            if biggest * scale > MAX_INT:
                 break
-            if res is None:
-                ok = round(first * scale) / scale == first and [round(v * scale) / scale for v in floats] == floats
-            else:  # (the first value alone rules most coarse scales out)
-                ok = scale == res or (
-                    round(round(first * scale) / scale * res) == target[0]
-                    and [round(round(v * scale) / scale * res) for v in floats] == target
-                )
-            if not ok:
-                continue
-            ints = [round(v * scale) for v in floats]
-            if not ok:
+            ints = _scaled(floats, target, spec, scale)
+            if ints is None:
                 continue
             modulus = 0
             if spec.modulus and min(ints) >= 0 and max(ints) < spec.modulus * scale:
@@ -256,16 +292,17 @@ def _float_column(values: list[Any], spec: _Spec) -> list[Any] | None:
 
 def _seq_utc(records: list[Record]) -> list[Any]:
     """The record count, then the seq and utc columns every section starts with."""
-    return [len(records), _ints_column([r.seq for r in records], "seq"), _float_column([r.utc for r in records], SPEC_UTC)]
+    seqs, times = map(list, zip(*map(_SEQ_UTC, records)))
+    return [len(records), _ints_column(seqs, "seq"), _float_column(times, SPEC_UTC)]
 
 
 def _fix_section(fixes: list[Record]) -> list[Any]:
-    data = [r.data for r in fixes]
+    by_field = dict(zip(_FIX_STRUCT_FIELDS, map(list, zip(*(astuple(r.data) for r in fixes)))))  # transposed in C
     n, *columns = _seq_utc(fixes)
     for name, spec in FIX_NUMBERS:
-        values = list(map(attrgetter(name), data))
+        values = by_field[name]
         columns.append(_ints_column(values, name) if spec is None else _float_column(values, spec))
-    texts = [_text_column(list(map(attrgetter(name), data))) for name in FIX_TEXTS]
+    texts = [_text_column(by_field[name]) for name in FIX_TEXTS]
     section = [n, _trim(columns, _TRAILING_NONE, keep=2), _trim(texts, _TRAILING_NONE, keep=0)]
     return _trim(section, (None, None, []), keep=2)
 
