@@ -136,3 +136,16 @@ def test_truck_capture_through_the_default_policies(corpus):
     assert hours[0] == 219.2  # 0x1120 * 0.05 h
     vins = [r.data.attrs["vin"] for r in out if isinstance(r.data, Status) and r.data.type == "vin"]
     assert vins == ["1L06130RELP969468"]
+
+
+def test_a_clock_stepping_back_restarts_the_cadence():
+    s = sampler(CanSignalConfig(signal="EngineSpeed", period_s=1.0, name="latest"),
+                CanSignalConfig(signal="EngineSpeed", policy="max", period_s=1.0, name="max"))
+    out = []
+    for t in (1000.0, 1000.5, 1001.0, 1001.5, 10.0, 10.5, 11.0, 11.5):  # the host clock steps back 990 s
+        out += s.feed(t, EEC1, True, eec1(t))
+    got = signals_of(out)
+    assert [g for g in got if g[1] == "latest"] == [(1000.0, "latest", 1000.0), (1001.0, "latest", 1001.0),
+                                                    (10.0, "latest", 10.0), (11.0, "latest", 11.0)]
+    assert [g for g in got if g[1] == "max"] == [(1001.0, "max", 1000.5), (1002.0, "max", 1001.5),
+                                                 (11.0, "max", 10.5)]

@@ -29,6 +29,8 @@ from agent.record import Record, Signal, Status
 # Frames routed to the general decoder instead of a cached signal plan.
 _SPECIAL_PGNS = frozenset((PGN_TP_CM, PGN_TP_DT, PGN_DM1, PGN_VI))
 _EXTENDED = 1 << 31  # key bit separating 29-bit from 11-bit ids in the plan cache
+# A real bus carries a few hundred ids; a bus full of random ids must not grow the cache forever.
+MAX_PLANS = 65536
 # Rounding of OBD-II means (their formulas are not DBC scales): three decimals.
 OBD_DIGITS = 3
 
@@ -64,14 +66,16 @@ class Latest(Policy):
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.next_due = -math.inf
+        self.period = self.config.period_s
 
     def wants(self, t: float) -> bool:
-        return t >= self.next_due
+        # The second test restarts the cadence after the clock stepped back by more than a period.
+        return t >= self.next_due or self.next_due - t > self.period
 
     def add(self, t, value):
-        period = self.config.period_s
-        # Keep the cadence through jitter; restart it after a gap.
-        self.next_due = self.next_due + period if t - self.next_due < period else t + period
+        period = self.period
+        # Keep the cadence through jitter; restart it after a gap or a clock step.
+        self.next_due = self.next_due + period if self.next_due <= t < self.next_due + period else t + period
         return [(t, value)]
 
 
@@ -98,9 +102,9 @@ class Window(Policy):
         period = self.config.period_s
         if self.end is None:
             self.end = t + period
-        elif t >= self.end:
+        elif t >= self.end or t < self.end - 2 * period:  # the window ended, or the clock stepped back
             out = self._emit()
-            self.end = self.end + period if t < self.end + period else t + period
+            self.end = self.end + period if self.end <= t < self.end + period else t + period
         if value is None:
             self.missing += 1
         else:
@@ -217,6 +221,8 @@ class CanSampler:
         key = can_id | _EXTENDED if extended else can_id
         plan = self._plans.get(key, False)
         if plan is False:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
             plan = self._plans[key] = self._plan(can_id, extended)
         if plan is None:
             return []
