@@ -188,9 +188,12 @@ enable_units() {
         run udevadm control --reload || true
         run systemctl enable systemd-networkd.service "${UNITS_ENABLED[@]}"
         say "start it with: systemctl start telematics-agent (or reboot)"
+    elif [ "$LIVE" = 1 ]; then
+        # An image being built in a chroot: no running systemd, only the symlinks.
+        run systemctl --root=/ enable systemd-networkd.service "${UNITS_ENABLED[@]}"
     else
-        # Offline (a staging tree, or a chroot without a running systemd): only the symlinks.
-        run systemctl --root="${ROOT:-/}" enable "${UNITS_ENABLED[@]}"
+        # A staging tree holds only what this script installed: enable our units there.
+        run systemctl --root="$ROOT" enable "${UNITS_ENABLED[@]}"
     fi
 }
 
@@ -208,4 +211,8 @@ create_user
 install_venv
 install_config_and_data
 enable_units
-say "done${ROOT:+ (staging tree $ROOT)}"
+if [ "$DRY_RUN" = 1 ]; then
+    say "dry run: nothing was changed"
+else
+    say "done${ROOT:+ (staging tree $ROOT)}"
+fi

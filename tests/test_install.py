@@ -151,6 +151,7 @@ def test_dry_run_changes_nothing(tmp_path):
     assert "would run: install -D -m 0644" in proc.stdout
     assert "would run: systemd-sysusers" in proc.stdout
     assert f"{root}/etc/telematics-agent/agent.yaml" in proc.stdout
+    assert proc.stdout.rstrip().endswith("dry run: nothing was changed")
 
 
 def test_unknown_option_is_refused(tmp_path):
