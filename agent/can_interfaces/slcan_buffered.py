@@ -8,7 +8,8 @@ parses all complete lines of the chunk, so a burst of frames costs one read.
 Other differences: it opens listen-only (``L``) unless told otherwise, it does not sleep two
 seconds after opening the port (that is for Arduino boards that reset on open; ``sleep_after_open``
 brings it back), and a port that vanishes (adapter unplugged) raises :class:`can.CanOperationError`
-from ``recv`` so the caller can reopen it. Tested with python-can 4.4-4.6 (pinned in pyproject.toml).
+from ``recv`` so the caller can reopen it. Tested with python-can 4.4.2, 4.5.0 and 4.6.1 (pinned in
+pyproject.toml).
 """
 
 from __future__ import annotations
