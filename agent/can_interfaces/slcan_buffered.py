@@ -1,9 +1,10 @@
 """A buffered slcan (Lawicel ASCII) interface for python-can, registered as ``slcan_buffered``.
 
 python-can's own ``slcan`` backend reads the serial port one byte per call (about 27 reads per
-frame), which costs about 21% of a Pi core at a typical truck load of 1,850 frames/s and tops out
-near 8,500 frames/s (../shared/FIELD-NOTES.md). This one reads everything waiting in one call and
-parses all complete lines of the chunk, so a burst of frames costs one read.
+frame), which costs about 21% of a core of the development machine at a typical truck load of
+1,850 frames/s and tops out near 8,500 frames/s (../shared/FIELD-NOTES.md). This one reads
+everything waiting in one call, at most every ``read_interval_s``, and parses all complete lines
+of the chunk: under 3% of a core at 1,850 frames/s (BENCHMARKS.md).
 
 Other differences: it opens listen-only (``L``) unless told otherwise, it does not sleep two
 seconds after opening the port (that is for Arduino boards that reset on open; ``sleep_after_open``
