@@ -134,25 +134,35 @@ class Agentish:
         self.restarts += 1
 
 
-@pytest.fixture
-def setup(tmp_path, mosquitto, data_dir):
-    config_path = tmp_path / "agent.yaml"
-    config_path.write_text(
-        f"device:\n  id: {DEVICE}\n  data_dir: {data_dir}\nmqtt:\n  port: {mosquitto.port}\n"
-        "remote:\n  rollback_timeout_s: 1.5\n"
-    )
+def start_manager(config_path, link: PahoLink, agent: Agentish, apply=None):
+    """A RemoteManager on the effective config, running in a thread; returns (manager, stop, thread)."""
     config = load_effective_config(config_path)
-    link = PahoLink(config.mqtt.port)
-    processor = GeofenceProcessor(config.edge.geofences, data_dir)
-    agent = Agentish(link, processor)
     manager = RemoteManager(
-        config_path, config, link, SystemClock(), apply=agent.apply, link_up=link.connected.is_set,
+        config_path, config, link, SystemClock(), apply=apply or agent.apply, link_up=link.connected.is_set,
         status=lambda: {"device_id": DEVICE, "gps": {"fix": True}}, flush=agent.flush, restart=agent.restart,
-        parse_fences=GeofenceSet.from_geojson, replace_fences=processor.replace,
+        parse_fences=GeofenceSet.from_geojson, replace_fences=agent.fences.replace,
     )
     stop = threading.Event()
     thread = threading.Thread(target=manager.run, args=(stop,), daemon=True)
     thread.start()
+    return manager, stop, thread
+
+
+def write_config(tmp_path, data_dir, port: int):
+    config_path = tmp_path / "agent.yaml"
+    config_path.write_text(
+        f"device:\n  id: {DEVICE}\n  data_dir: {data_dir}\nmqtt:\n  port: {port}\n"
+        "remote:\n  rollback_timeout_s: 1.5\n"
+    )
+    return config_path
+
+
+@pytest.fixture
+def setup(tmp_path, mosquitto, data_dir):
+    config_path = write_config(tmp_path, data_dir, mosquitto.port)
+    link = PahoLink(mosquitto.port)
+    agent = Agentish(link, GeofenceProcessor(load_config(config_path).edge.geofences, data_dir))
+    manager, stop, thread = start_manager(config_path, link, agent)
     wait_until(link.connected.is_set, message="the link")
     ops = Ops(mosquitto.port)
     ops.wait_until_served()
@@ -269,3 +279,32 @@ def test_a_change_pending_across_restarts_is_rolled_back_at_load(tmp_path, data_
         assert load_effective_config(config_path).gps.baud == 4800  # given its chance
     assert load_effective_config(config_path).gps.baud == 19200
     assert RemoteStore(data_dir).state["status"] == "rolled_back"
+
+
+def test_a_change_applied_by_restarting_is_answered_by_the_next_start(tmp_path, mosquitto, data_dir):
+    """The composition root may apply settings by restarting the agent: the next start confirms and answers."""
+    config_path = write_config(tmp_path, data_dir, mosquitto.port)
+    link = PahoLink(mosquitto.port)
+    agent = Agentish(link, GeofenceProcessor(load_config(config_path).edge.geofences, data_dir))
+    holder = {}
+    _, stop, thread = start_manager(config_path, link, agent, apply=lambda config: holder["stop"].set())
+    holder["stop"] = stop
+    ops = Ops(mosquitto.port)
+    try:
+        ops.wait_until_served()
+        ops.client.publish(f"telematics/{DEVICE}/config", json.dumps({"id": "r1", "settings": {"gps": {"baud": 4800}}}), qos=1)
+        thread.join(10)
+        assert not thread.is_alive() and RemoteStore(data_dir).pending
+        # The next start runs with the change and answers the request it came from.
+        _, stop2, thread2 = start_manager(config_path, link, agent)
+        response = ops.responses.get(timeout=10)
+        while response.get("id") != "r1":  # late warm-up answers
+            response = ops.responses.get(timeout=10)
+        assert response["ok"] is True
+        assert load_effective_config(config_path).gps.baud == 4800
+        assert RemoteStore(data_dir).state["status"] == "confirmed" and RemoteStore(data_dir).unanswered is None
+        stop2.set()
+        thread2.join(10)
+    finally:
+        ops.close()
+        link.close()

@@ -124,13 +124,26 @@ class RemoteStore:
                    "previous": previous, "starts": 0})
         return previous
 
-    def confirm(self) -> None:
-        self.save({**self.state, "status": "confirmed", "previous": None})
+    def confirm(self, response: dict[str, Any]) -> None:
+        """The change reached the broker; ``response`` is the answer still to be sent."""
+        self.save({**self.state, "status": "confirmed", "previous": None, "response": response, "responded": False})
 
     def roll_back(self, reason: str) -> None:
+        """Back to the previous settings and fences; the answer saying so is kept until it is sent."""
         previous = self.state.get("previous") or {}
-        self.save({"status": "rolled_back", "request_id": self.state.get("request_id"), "reason": reason,
-                   "settings": previous.get("settings"), "fences": previous.get("fences"), "previous": None})
+        request_id = self.state.get("request_id")
+        response = {"id": request_id, "ok": False, "rolled_back": True, "error": reason}
+        self.save({"status": "rolled_back", "request_id": request_id, "reason": reason,
+                   "settings": previous.get("settings"), "fences": previous.get("fences"), "previous": None,
+                   "response": response, "responded": False})
+
+    @property
+    def unanswered(self) -> dict[str, Any] | None:
+        """The outcome of the last change if it was never sent (e.g. applying it restarted the agent)."""
+        return self.state.get("response") if self.state.get("responded") is False else None
+
+    def answered(self) -> None:
+        self.save({**self.state, "responded": True})
 
 
 def load_effective_config(path: str | Path) -> Config:
@@ -147,7 +160,7 @@ def load_effective_config(path: str | Path) -> Config:
         if starts > MAX_PENDING_STARTS:
             log.warning("remote change %s never reached the broker in %d starts: rolling back",
                         store.state.get("request_id"), MAX_PENDING_STARTS)
-            store.roll_back(f"not confirmed after {MAX_PENDING_STARTS} starts")
+            store.roll_back(f"the broker was not reachable in {MAX_PENDING_STARTS} starts after applying: rolled back")
         else:
             store.save({**store.state, "starts": starts})
     if not store.settings:
@@ -163,8 +176,9 @@ def load_effective_config(path: str | Path) -> Config:
 class RemoteManager:
     """Serves the config and command topics; ``run(stop)`` in its own thread (it waits for the link).
 
-    ``apply(config)`` puts a new Config into effect and returns once it is (the lead's composition
-    root: e.g. reconnect the link with new mqtt settings); ``link_up()`` says whether the broker is
+    ``apply(config)`` puts a new Config into effect and returns once it is (e.g. reconnect the link
+    with new mqtt settings), or restarts the agent by setting ``stop``: the change is saved first,
+    and the next start confirms or rolls it back and sends the answer; ``link_up()`` says whether the broker is
     connected; ``parse_fences(bytes)`` validates a GeoJSON fence set (GeofenceSet.from_geojson) and
     ``replace_fences(set, version)`` swaps it in. ``flush(timeout) -> bool``, ``restart()`` and
     ``status() -> dict`` serve the commands of the same names.
@@ -217,6 +231,8 @@ class RemoteManager:
     def run(self, stop: threading.Event) -> None:
         """Confirm a change left pending by the last run, then serve requests until ``stop``."""
         self.start_listening()
+        if self.store.unanswered is not None:
+            self._send_outcome(self.store.unanswered, stop)
         if self.store.pending:
             log.info("remote change %s is pending: waiting for the broker", self.store.state.get("request_id"))
             self._confirm_or_roll_back(self.store.state.get("request_id"), stop)
@@ -292,15 +308,16 @@ class RemoteManager:
             if self._link_up():
                 return True
             stop.wait(0.1)
-        return self._link_up()
+        # Stopping (applying may restart the agent): the next start confirms or rolls back.
+        return not stop.is_set() and self._link_up()
 
     def _confirm_or_roll_back(self, request_id: str | None, stop: threading.Event) -> None:
         timeout = self.config.remote.rollback_timeout_s
         if self._wait_for_link(stop):
-            self.store.confirm()
+            self.store.confirm({"id": request_id, "ok": True, "config_version": self.version,
+                                "geofences_version": (self.store.fences or {}).get("version")})
             log.info("remote change %s confirmed: broker reachable", request_id)
-            self.respond({"id": request_id, "ok": True, "config_version": self.version,
-                          "geofences_version": (self.store.fences or {}).get("version")})
+            self._send_outcome(self.store.unanswered, stop)
             return
         if stop.is_set():
             return  # still pending: the next start decides
@@ -314,9 +331,12 @@ class RemoteManager:
         if self._replace_fences is not None and self._parse_fences is not None:
             fence_set = self._parse(old_fences) if old_fences else self._parse({"geojson": {"type": "FeatureCollection", "features": []}})
         self._put_into_effect(old_config, fence_set, old_fences)
-        self._wait_for_link(stop)
-        self.respond({"id": request_id, "ok": False, "rolled_back": True, "error": reason,
-                      "config_version": self.version})
+        self._send_outcome({**self.store.unanswered, "config_version": self.version}, stop)
+
+    def _send_outcome(self, response: dict[str, Any], stop: threading.Event) -> None:
+        """Answer a config change once the link is up; remembered in remote.json until sent."""
+        if self._wait_for_link(stop) and self.respond(response):
+            self.store.answered()
 
     # -- commands ---------------------------------------------------------------------------------
 
