@@ -151,3 +151,31 @@ def test_the_bit_rate_is_detected_listen_only(tmp_path, corpus):
         stop.set()
         thread.join(5)
         emulator.close()
+
+
+@pytest.mark.slow
+def test_soak_many_unplugs_with_frames_in_flight(tmp_path, corpus):
+    """Five plug-ins of 20 x the truck capture each: every frame sent is counted, nothing is left open."""
+    link = tmp_path / "ttyACM0"
+    rounds, repeat = 5, 20
+    emulator = Emulator(link, corpus / TRUCK, rounds, "--repeat", str(repeat))
+    config = CanConfig(buses=[CanBusConfig(name="can1", interface="slcan_buffered", channel=str(link),
+                                           bitrate=250000, reopen_interval_s=0.05)])
+    source = CanSource(config, SystemClock())
+    records, stop = [], threading.Event()
+    thread = threading.Thread(target=source.run, args=(records.append, stop))
+    thread.start()
+    try:
+        for n in range(1, rounds + 1):
+            assert emulator.read() == "open listen_only=True bitrate=250"
+            assert emulator.read() == f"sent {1815 * repeat}"
+            wait_until(lambda: source.stats()["frames"] == n * 1815 * repeat, timeout=30, message=f"round {n}")
+            emulator.unplug()
+        assert emulator.read() == "done"
+    finally:
+        stop.set()
+        thread.join(5)
+        emulator.close()
+    stats = source.stats()
+    assert stats["opens"] == rounds and stats["tp_completed"] == rounds * repeat * 16 and stats["tp_dropped"] == 0
+    assert source.sampler.decoder.tp("can1").open_sessions == 0
