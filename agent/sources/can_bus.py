@@ -58,6 +58,9 @@ class CanSource:
         self.clock = clock
         self.name = f"can:{self.bus_config.name}"
         interface = self.bus_config.interface
+        if interface not in can.interfaces.BACKENDS:
+            raise ValueError(f"can bus {self.bus_config.name}: python-can has no interface {interface!r} "
+                             f"(known: {', '.join(sorted(can.interfaces.BACKENDS))})")
         if not config.allow_transmit and interface not in LISTEN_ONLY_ARGS:
             raise ValueError(
                 f"can bus {self.bus_config.name}: the agent cannot open interface {interface!r} listen-only; "
