@@ -54,6 +54,8 @@ def test_interfaces_that_cannot_be_opened_listen_only_are_refused_without_allow_
     with pytest.raises(ValueError, match="listen-only"):
         CanSource(CanConfig(buses=[bus]), SystemClock())
     CanSource(CanConfig(allow_transmit=True, buses=[bus]), SystemClock())  # allowed; nothing opened yet
+    with pytest.raises(FileNotFoundError):
+        CanSource(CanConfig(dbc=["/nonexistent.dbc"]), SystemClock())
     with pytest.raises(ValueError, match="no interface 'sockcan'"):
         CanSource(CanConfig(buses=[CanBusConfig(interface="sockcan")]), SystemClock())
 

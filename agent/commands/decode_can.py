@@ -11,7 +11,7 @@ from agent.cli_base import CommandError
 from agent.decode.can_decoder import Decoded, FrameDecoder
 from agent.decode.can_log import CaptureError, iter_frames
 from agent.decode.dtc import DtcSet
-from agent.decode.j1939 import J1939Database
+from agent.decode.j1939 import DbcError, J1939Database
 from agent.record import iso_utc
 
 
@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         db = J1939Database.load(args.dbc, include_packaged=not args.no_default_dbc)
     except OSError as exc:
-        raise CommandError(f"cannot read DBC {exc.filename}: {exc.strerror}") from exc
-    except Exception as exc:  # cantools raises its own parse errors (and ValueError, KeyError) on a bad DBC
-        raise CommandError(f"cannot load DBC {' '.join(args.dbc)}: {type(exc).__name__}: {exc}") from exc
+        raise CommandError(f"cannot read DBC {exc.filename}: {exc.strerror or exc}") from exc
+    except DbcError as exc:
+        raise CommandError(str(exc)) from exc
     decoder = FrameDecoder(db)
     out = sys.stdout
     dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode

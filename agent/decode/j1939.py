@@ -28,6 +28,10 @@ J1939_FRAME_ID_MASK = 0x03FFFF00
 PACKAGED_DBC = Path(__file__).resolve().parent.parent / "data" / "j1939.dbc"
 
 
+class DbcError(ValueError):
+    """A DBC file cannot be read or parsed; the message names the file."""
+
+
 class J1939Id(NamedTuple):
     """The fields of a 29-bit J1939 identifier; ``da`` is 0xFF (global) for PDU2 PGNs."""
 
@@ -174,11 +178,17 @@ class J1939Database:
 
     @classmethod
     def load(cls, paths: Iterable[str | Path] = (), include_packaged: bool = True) -> "J1939Database":
-        """Load DBC files (raises OSError or cantools' parse errors with the file named)."""
+        """Load DBC files; raises OSError (with ``filename``) for a file that cannot be read and
+        :class:`DbcError` naming the file for one that cannot be parsed."""
         db = cls()
         files = ([PACKAGED_DBC] if include_packaged else []) + [Path(p) for p in paths]
         for path in files:
-            db.add_dbc(path)
+            try:
+                db.add_dbc(path)
+            except OSError:
+                raise
+            except Exception as exc:  # cantools raises its own parse errors, and ValueError / KeyError
+                raise DbcError(f"cannot parse DBC {path}: {type(exc).__name__}: {exc}") from exc
         return db
 
     def add_dbc(self, path: str | Path) -> None:

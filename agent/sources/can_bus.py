@@ -65,6 +65,7 @@ class CanSource:
             raise ValueError(
                 f"can bus {self.bus_config.name}: the agent cannot open interface {interface!r} listen-only; "
                 "use socketcan or slcan_buffered, or set can.allow_transmit: true if this vehicle allows it")
+        # OSError or DbcError (naming the file): a bad can.dbc entry stops the start-up.
         self.db = db if db is not None else J1939Database.load(config.dbc)
         self.polling = self.bus_config.protocol == "obd2" and config.allow_transmit
         if self.bus_config.protocol == "obd2" and not config.allow_transmit:
