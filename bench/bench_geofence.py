@@ -104,18 +104,22 @@ def main() -> None:
     processor = GeofenceProcessor(GeofencesConfig(), None, fences)
     t2 = time.perf_counter()
     records = drive(args.fixes, cities, rng)
-    costs = []
+    wall, cpu = [], []
     events = 0
     for record in records:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         out = processor.process(record)
-        costs.append(time.perf_counter() - start)
+        cpu.append(time.thread_time() - start_cpu)
+        wall.append(time.perf_counter() - start)
         events += len(out) - 1
-    costs.sort()
-    q = statistics.quantiles(costs, n=100)
     print(f"fences {len(fences)} ({len(data) / 1e6:.1f} MB GeoJSON): parse {t1 - t0:.1f} s, index {t2 - t1:.1f} s")
     print(f"fixes {len(records)}, events {events}")
-    print(f"per fix: median {statistics.median(costs) * 1e3:.3f} ms, p99 {q[98] * 1e3:.3f} ms, max {costs[-1] * 1e3:.3f} ms")
+    # Wall time includes being descheduled on a shared machine; thread CPU time is what the fix costs.
+    for name, costs in (("wall", wall), ("cpu", cpu)):
+        costs.sort()
+        q = statistics.quantiles(costs, n=100)
+        print(f"per fix ({name}): median {statistics.median(costs) * 1e3:.3f} ms, p99 {q[98] * 1e3:.3f} ms, "
+              f"max {costs[-1] * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

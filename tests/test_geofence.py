@@ -59,29 +59,33 @@ def test_properties_and_multipolygons_are_read():
     assert fence.contains(*offset(*HOME, 1000, 0)) and not fence.contains(*offset(*HOME, 500, 0))
 
 
-@pytest.mark.parametrize("lat", [0.0, 45.0, 70.0, 78.2, -54.8])
-@pytest.mark.parametrize("bearing", ["east", "north"])
-def test_boundary_distance_is_in_metres_at_any_latitude(lat, bearing):
-    fence = GeofenceSet.from_geojson(collection(square("s", "depot", lat, 20.0, 200))).fences[0]
-    north, east = (0, 237) if bearing == "east" else (237, 0)
-    plat, plon = offset(lat, 20.0, north, east)
+def measure(doc: bytes, lat: float, lon: float) -> tuple[bool, float]:
+    """(inside, signed metres) of the one fence in ``doc``, as the processor measures it."""
+    import numpy as np
     import shapely
 
-    d = fence.signed_distance_m(plat, plon, shapely.Point(plon, plat), fence.contains(plat, plon), cap=1000)
-    # 37 m outside the 200 m edge (the local frame of `offset` and `square` agree to well below 0.5 m).
-    assert d == pytest.approx(-37.0, abs=0.5)
-    inside = offset(lat, 20.0, 190, 0) if bearing == "north" else offset(lat, 20.0, 0, 190)
-    d_in = fence.signed_distance_m(*inside, shapely.Point(inside[1], inside[0]), True, cap=1000)
-    assert d_in == pytest.approx(10.0, abs=0.5)
+    from agent.processors.geofence import _Index
+
+    index = _Index(GeofenceSet.from_geojson(doc), GeofencesConfig(hysteresis_m=1000))  # reach: 1 km
+    inside, d = index.measure(np.array([0]), lat, lon, shapely.Point(lon, lat))
+    return bool(inside[0]), float(d[0])
+
+
+@pytest.mark.parametrize("lat", [0.0, 45.0, 70.0, 78.2, -54.8])
+@pytest.mark.parametrize("bearing", ["east", "north"])
+@pytest.mark.parametrize("half_m", [200, 15_000])  # a depot, and a zone measured around the fix
+def test_boundary_distance_is_in_metres_at_any_latitude(lat, bearing, half_m):
+    doc = collection(square("s", "depot", lat, 20.0, half_m))
+    north, east = (0, half_m + 37) if bearing == "east" else (half_m + 37, 0)
+    assert measure(doc, *offset(lat, 20.0, north, east)) == (False, pytest.approx(-37.0, abs=0.5))
+    north, east = (0, half_m - 10) if bearing == "east" else (half_m - 10, 0)
+    assert measure(doc, *offset(lat, 20.0, north, east)) == (True, pytest.approx(10.0, abs=0.5))
 
 
 def test_circle_distance_is_the_haversine_distance():
-    fence = GeofenceSet.from_geojson(collection(circle("c", "customer_stop", 69.65, 18.96, 80))).fences[0]
     p = offset(69.65, 18.96, 30, 90)
-    import shapely
-
-    d = fence.signed_distance_m(*p, shapely.Point(p[1], p[0]), True, cap=1000)
-    assert d == pytest.approx(80 - haversine_m(69.65, 18.96, *p), abs=1e-6)
+    inside, d = measure(collection(circle("c", "customer_stop", 69.65, 18.96, 80)), *p)
+    assert not inside and d == pytest.approx(80 - haversine_m(69.65, 18.96, *p), abs=0.01)
 
 
 @settings(max_examples=40, deadline=None)

@@ -20,7 +20,7 @@ import logging
 import math
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import shapely
@@ -43,6 +43,9 @@ _MIN_APPROACH_SPEED_MPS = 1.0
 # (measured: projecting 2,000 vertices costs more than clipping them).
 _CLIP_VERTICES = 64
 _ORIGIN = shapely.Point(0.0, 0.0)
+# Fences up to this extent get a boundary projected once at load (see Fence.local).
+_LOCAL_FRAME_MAX_M = 20_000.0
+_CIRCLE, _SMALL, _LARGE = 0, 1, 2  # how _Index measures a fence
 
 
 class GeofenceError(ValueError):
@@ -54,7 +57,7 @@ class Fence:
 
     __slots__ = (
         "id", "name", "type", "speed_limit_kmh", "approach_m", "dwell_s", "hysteresis_m",
-        "geom", "boundary", "vertices", "circle",
+        "geom", "boundary", "vertices", "circle", "local", "frame",
     )
 
     def __init__(self, fid: str, name: str, ftype: str, props: dict[str, Any], geom=None, circle=None) -> None:
@@ -69,6 +72,16 @@ class Fence:
         self.boundary = geom.boundary if geom is not None else None
         self.vertices = shapely.get_num_coordinates(geom) if geom is not None else 0
         self.circle: tuple[float, float, float] | None = circle  # (lat, lon, radius_m)
+        # A small fence's boundary in metres around its own centre, projected once: exact to a few
+        # tenths of a per cent within kilometres of it, and no projection per fix.
+        self.local = self.frame = None
+        if geom is not None:
+            minx, miny, maxx, maxy = geom.bounds
+            lat_c, lon_c = (miny + maxy) / 2, (minx + maxx) / 2
+            kx = M_PER_DEG * math.cos(math.radians(lat_c))
+            if max((maxx - minx) * kx, (maxy - miny) * M_PER_DEG) <= _LOCAL_FRAME_MAX_M:
+                self.frame = (lat_c, lon_c, kx)
+                self.local = shapely.transform(self.boundary, lambda xy: (xy - (lon_c, lat_c)) * (kx, M_PER_DEG))
 
     def contains(self, lat: float, lon: float) -> bool:
         """Whether the point (degrees) is inside the fence."""
@@ -77,32 +90,29 @@ class Fence:
             return haversine_m(lat, lon, clat, clon) <= radius
         return bool(shapely.contains_xy(self.geom, lon, lat))
 
-    def signed_distance_m(self, lat: float, lon: float, point: shapely.Point, inside: bool, cap: float) -> float:
-        """Metres to the boundary, positive inside, negative outside; clamped to +-``cap``.
-
-        ``point`` is (lon, lat) as a shapely Point, made once per fix by the caller.
+    def signed_distance_m(self, lat: float, lon: float, point: shapely.Point, inside: bool, cap: float) -> tuple[float, float]:
+        """Metres to the boundary of a large polygon (no local frame), positive inside, negative
+        outside, clamped to +-``cap``; and a lower bound of the unclamped distance, in metres.
+        ``point`` is (lon, lat) as a shapely Point.
         """
         sign = 1.0 if inside else -1.0
-        if self.circle is not None:
-            clat, clon, radius = self.circle
-            d = radius - haversine_m(lat, lon, clat, clon)
-            return max(-cap, min(cap, d))
         d_deg = self.boundary.distance(point)
         # One degree is at least M_PER_DEG * cos(latitude) metres in any direction, and the nearest
         # boundary point is at most d_deg degrees further from the equator.
         far_cos = math.cos(math.radians(min(89.999, abs(lat) + d_deg)))
-        if d_deg * M_PER_DEG * far_cos >= cap:
-            return sign * cap
+        lower = d_deg * M_PER_DEG * far_cos
+        if lower >= cap:
+            return sign * cap, lower
         near = self.boundary
         if self.vertices > _CLIP_VERTICES:
             # Only the boundary within ``cap`` metres can be nearest: project that piece, not all of it.
             dlat, dlon = cap / M_PER_DEG, cap / (M_PER_DEG * far_cos)
             near = shapely.clip_by_rect(near, lon - dlon, lat - dlat, lon + dlon, lat + dlat)
             if near.is_empty:
-                return sign * cap
+                return sign * cap, cap
         kx = M_PER_DEG * math.cos(math.radians(lat))
-        local = shapely.transform(near, lambda xy: (xy - (lon, lat)) * (kx, M_PER_DEG))
-        return sign * min(cap, local.distance(_ORIGIN))
+        exact = shapely.transform(near, lambda xy: (xy - (lon, lat)) * (kx, M_PER_DEG)).distance(_ORIGIN)
+        return sign * min(cap, exact), exact
 
     def bounds(self) -> tuple[float, float, float, float]:
         """(min lon, min lat, max lon, max lat) in degrees."""
@@ -220,37 +230,76 @@ def _check_range(where: str, lon: float, lat: float) -> None:
 
 
 class _Index:
-    """STRtree over each fence's bounding box grown by how far away it still matters (hysteresis, approach)."""
+    """The fences as arrays, and an STRtree over each one's bounding box grown by how far away it
+    still matters (hysteresis, approach), so one query and a few vectorised shapely / numpy calls
+    measure every candidate of a fix."""
 
     def __init__(self, fence_set: GeofenceSet, config: GeofencesConfig) -> None:
-        self.fences = fence_set.fences
+        fences = self.fences = fence_set.fences
         self.config = config
-        boxes = np.empty((len(self.fences), 4))
-        for i, fence in enumerate(self.fences):
+        n = len(fences)
+        self.ids = [f.id for f in fences]
+        self.h = np.array([config.hysteresis_m if f.hysteresis_m is None else f.hysteresis_m for f in fences])
+        self.approach = np.array([0.0 if f.type != "customer_stop" else
+                                  config.approach_m if f.approach_m is None else f.approach_m for f in fences])
+        # How each fence is measured: circles and small polygons in their own local frame, in bulk;
+        # large polygons one by one, projected around the fix (Fence.signed_distance_m).
+        self.kind = np.array([_CIRCLE if f.circle else _SMALL if f.frame else _LARGE for f in fences], dtype=np.int8)
+        centre = [f.circle[:2] if f.circle else f.frame[:2] if f.frame else (0.0, 0.0) for f in fences]
+        self.lat_c = np.array([c[0] for c in centre])
+        self.lon_c = np.array([c[1] for c in centre])
+        self.kx = M_PER_DEG * np.cos(np.radians(self.lat_c))
+        self.radius = np.array([f.circle[2] if f.circle else 0.0 for f in fences])
+        self.geoms = np.array([f.geom for f in fences], dtype=object)
+        self.local = np.array([f.local for f in fences], dtype=object)
+        boxes = np.empty((n, 4))
+        for i, fence in enumerate(fences):
             minx, miny, maxx, maxy = fence.bounds()
-            reach = self.reach_m(fence) + 1.0
+            reach = self.h[i] + self.approach[i] + 1.0
             dlat = reach / M_PER_DEG
             dlon = reach / (M_PER_DEG * max(0.01, math.cos(math.radians(min(89.0, max(abs(miny), abs(maxy)) + dlat)))))
             boxes[i] = (minx - dlon, miny - dlat, maxx + dlon, maxy + dlat)
-        self.tree = shapely.STRtree(shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])) if len(boxes) else None
+        self.tree = shapely.STRtree(shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])) if n else None
+        self._far: dict[int, tuple[float, float, bool, float]] = {}  # large fence -> where last measured, inside, metres
 
-    def hysteresis_m(self, fence: Fence) -> float:
-        return self.config.hysteresis_m if fence.hysteresis_m is None else fence.hysteresis_m
-
-    def approach_m(self, fence: Fence) -> float:
-        if fence.type != "customer_stop":
-            return 0.0
-        return self.config.approach_m if fence.approach_m is None else fence.approach_m
-
-    def reach_m(self, fence: Fence) -> float:
-        """Beyond this distance outside, a fence needs no bookkeeping (re-arming an approach included)."""
-        return self.hysteresis_m(fence) + self.approach_m(fence)
-
-    def candidates(self, point: shapely.Point) -> Iterable[int]:
+    def candidates(self, point: shapely.Point) -> np.ndarray:
         """Indices of the fences whose grown box holds ``point`` (lon, lat), ascending."""
         if self.tree is None:
-            return ()
-        return np.sort(self.tree.query(point)).tolist()
+            return np.empty(0, dtype=np.intp)
+        return np.sort(self.tree.query(point))
+
+    def measure(self, idx: np.ndarray, lat: float, lon: float, point: shapely.Point) -> tuple[np.ndarray, np.ndarray]:
+        """(inside, signed metres to the boundary, clamped to each fence's reach) of fences ``idx``."""
+        kind = self.kind[idx]
+        inside = np.zeros(len(idx), dtype=bool)
+        d = np.zeros(len(idx))
+        x = (lon - self.lon_c[idx]) * self.kx[idx]
+        y = (lat - self.lat_c[idx]) * M_PER_DEG
+        circles = kind == _CIRCLE
+        if circles.any():
+            d[circles] = self.radius[idx[circles]] - np.hypot(x[circles], y[circles])
+            inside[circles] = d[circles] >= 0
+        small = kind == _SMALL
+        if small.any():
+            si = idx[small]
+            inside[small] = shapely.contains_xy(self.geoms[si], lon, lat)
+            dist = shapely.distance(self.local[si], shapely.points(x[small], y[small]))
+            d[small] = np.where(inside[small], dist, -dist)
+        cap = self.h[idx] + self.approach[idx] + 1.0
+        for j in np.flatnonzero(kind == _LARGE):
+            i = int(idx[j])
+            far = self._far.get(i)
+            # The distance to a boundary changes by at most the distance moved: far from the
+            # boundary of a large fence, nothing needs measuring until the truck has covered that.
+            if far is not None and far[3] - haversine_m(lat, lon, far[0], far[1]) >= cap[j]:
+                inside[j] = far[2]
+                d[j] = cap[j] if far[2] else -cap[j]
+                continue
+            fence = self.fences[i]
+            inside[j] = fence.contains(lat, lon)
+            d[j], lower = fence.signed_distance_m(lat, lon, point, bool(inside[j]), cap[j])
+            self._far[i] = (lat, lon, bool(inside[j]), lower)
+        return inside, np.clip(d, -cap, cap)
 
 
 class _FenceState:
@@ -289,7 +338,8 @@ class GeofenceProcessor:
     def replace(self, new_set: GeofenceSet, version: str | None) -> None:
         """Swap in a validated fence set at once; state of fences that are gone is dropped."""
         index = _Index(new_set, self.config)  # built before the swap: the old set serves until then
-        self.set, self._index, self.version = new_set, index, version
+        position = {fid: i for i, fid in enumerate(index.ids)}
+        self.set, self._index, self._position, self.version = new_set, index, position, version
         gone = [fid for fid in self._states if fid not in new_set.by_id]
         for fid in gone:
             del self._states[fid]
@@ -309,21 +359,26 @@ class GeofenceProcessor:
         speed = self._recent_speed(utc, fix.speed_mps)
         index = self._index
         events: list[Record] = []
-        seen: set[str] = set()
         changed = False
-        for i in index.candidates(point):
-            fence = index.fences[i]
-            seen.add(fence.id)
-            h = index.hysteresis_m(fence)
-            approach = index.approach_m(fence)
-            inside = fence.contains(lat, lon)
-            d = fence.signed_distance_m(lat, lon, point, inside, cap=h + approach + 1.0)
-            side = (1 if d >= h else -1 if d <= -h else 0) if h > 0 else (1 if inside else -1)
-            changed |= self._step(fence, side, d, approach, h, record, lat, lon, speed, events)
+        idx = index.candidates(point)
+        seen: set[str] = set()
+        if len(idx):
+            inside, d = index.measure(idx, lat, lon, point)
+            h, approach = index.h[idx], index.approach[idx]
+            side = np.where(h > 0, np.where(d >= h, 1, np.where(d <= -h, -1, 0)), np.where(inside, 1, -1))
+            # Outside, nothing pending, nothing to announce: the common case, skipped in bulk.
+            approaching = (approach > 0) & (-d <= approach) & (speed is not None and speed >= _MIN_APPROACH_SPEED_MPS)
+            busy = (side >= 0) | approaching
+            for j in range(len(idx)):
+                fid = index.ids[idx[j]]
+                seen.add(fid)
+                if busy[j] or fid in self._states:
+                    changed |= self._step(index.fences[idx[j]], int(side[j]), float(d[j]), float(approach[j]), float(h[j]),
+                                          record, lat, lon, speed, events)
         for fid in [fid for fid in self._states if fid not in seen]:
             # Beyond every margin of this fence (a jump, or a new set): decisively outside.
-            fence = self.set.by_id[fid]
-            changed |= self._step(fence, -1, -math.inf, index.approach_m(fence), index.hysteresis_m(fence),
+            i = self._position[fid]
+            changed |= self._step(index.fences[i], -1, -math.inf, float(index.approach[i]), float(index.h[i]),
                                   record, lat, lon, speed, events)
         if changed:
             self._save()
@@ -359,7 +414,9 @@ class GeofenceProcessor:
             if utc - st.since >= threshold:
                 st.dwell_done = changed = True
                 events.append(_event(utc, mono, "geofence_dwell", lat, lon, fence, dwell_s=_round(utc - st.since)))
-        if approach > 0 and not st.inside:
+        if approach <= 0:
+            st.armed = True  # nothing to announce for this fence
+        elif not st.inside:
             distance = -d
             if st.armed and 0 < distance <= approach and speed is not None and speed >= _MIN_APPROACH_SPEED_MPS:
                 st.armed, changed = False, True
@@ -393,7 +450,7 @@ class GeofenceProcessor:
 
     def customer_stop_at(self, lat: float, lon: float) -> str | None:
         """The id of a customer-stop fence containing the point (no hysteresis), or None."""
-        for i in self._index.candidates(shapely.Point(lon, lat)):
+        for i in self._index.candidates(shapely.Point(lon, lat)).tolist():
             fence = self._index.fences[i]
             if fence.type == "customer_stop" and fence.contains(lat, lon):
                 return fence.id
