@@ -9,6 +9,9 @@ from agent.cli_base import dispatch
 COMMANDS = {
     "run": ("collector.commands.run", "subscribe to the devices' telemetry and store it"),
     "summary": ("collector.commands.summary", "records stored, first/last time, distance and duration per device"),
+    "gaps": ("collector.commands.gaps", "per device, the sequence numbers that never arrived"),
+    "export": ("collector.commands.export", "a device's track in a time range as GeoJSON, GPX or CSV"),
+    "reprocess": ("collector.commands.reprocess", "decode the dead letters again and store what now decodes"),
 }
 
 

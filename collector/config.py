@@ -33,15 +33,19 @@ class CollectorMqttConfig(_Section):
     # A fixed client id with a persistent session: the broker queues telemetry while the collector is down.
     client_id: str = "telematics-collector"
     session_expiry_s: int = 86400
+    # Several collector processes split the fleet by an MQTT 5 shared subscription
+    # ($share/<group>/<prefix>/+/telemetry); each needs its own client_id. None: a plain subscription.
+    share_group: str | None = None
     username: str | None = None
     password: str | None = None
     tls: TlsConfig | None = None
 
 
 class CollectorStoreConfig(_Section):
-    """Where records are stored (SQLite now; PostgreSQL comes with the scale-out work)."""
+    """Where records are stored: SQLite by default; PostgreSQL when ``postgres_dsn`` is set."""
 
     sqlite_path: str = "collector.sqlite"
+    postgres_dsn: str | None = None  # libpq form, e.g. postgresql://collector@db.example/telemetry
 
 
 class CollectorConfig(_Section):

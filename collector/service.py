@@ -65,6 +65,7 @@ class Collector:
         username: str | None = None,
         password: str | None = None,
         tls: TlsConfig | None = None,
+        share_group: str | None = None,
     ) -> None:
         if store is None and db_path is None:
             raise ValueError("Collector needs db_path or store")
@@ -75,6 +76,10 @@ class Collector:
         self._session_expiry_s = session_expiry_s
         self._auth = (username, password)
         self._tls = tls
+        # MQTT 5 shared subscription (section 4.8.2): the broker gives each message to one member.
+        self._filter = f"{topic_prefix}/+/telemetry"
+        if share_group is not None:
+            self._filter = f"$share/{share_group}/{self._filter}"
         self._queue: queue.Queue = queue.Queue(QUEUE_SIZE)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
@@ -151,9 +156,9 @@ class Collector:
         if reason_code.is_failure:
             log.error("collector: broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
             return
-        client.subscribe(f"{self.prefix}/+/telemetry", qos=1)
+        client.subscribe(self._filter, qos=1)
         self._connected.set()
-        log.info("collector: connected to %s:%d, subscribed to %s/+/telemetry", self.host, self.port, self.prefix)
+        log.info("collector: connected to %s:%d, subscribed to %s", self.host, self.port, self._filter)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self._connected.is_set():
