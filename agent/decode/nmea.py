@@ -47,6 +47,9 @@ _EPOCH_ORDINAL = _dt.date(1970, 1, 1).toordinal()
 _PIECE = re.compile(rb"[$!][^$!\r\n]*")
 _DELIMITER = re.compile(rb"[$!\r\n]")
 _PRINTABLE = bytes(range(0x20, 0x7F))
+# A whole sentence: start, printable body without "*", "*hh", trailing blanks or NULs.
+_SENTENCE = re.compile(rb"[$!]([\x20-\x29\x2b-\x7e]*)\*([0-9A-Fa-f]{2})[ \t\x00]*\Z")
+_HEX = {(a + b).encode(): int(a + b, 16) for a in "0123456789abcdefABCDEF" for b in "0123456789abcdefABCDEF"}
 # GGA quality digit for an FAA mode letter (NMEA 0183 4.10 mode indicator), for GNS-only epochs.
 _FAA_QUALITY = {"N": 0, "A": 1, "D": 2, "P": 3, "R": 4, "F": 5, "E": 6, "M": 7, "S": 8}
 # Which sentence's position an epoch keeps when they disagree and are equally precise.
@@ -57,10 +60,18 @@ def checksum(body: bytes) -> int:
     """XOR of every byte of ``body`` (the characters between ``$`` and ``*``), NMEA 0183 section 5.3."""
     value = int.from_bytes(body, "little")
     size = len(body)
-    while size > 1:  # fold the halves together: log2(n) big-int operations instead of n loop steps
+    while size > 128:  # fold halves together until 1024 bits are left (sentences never get here)
         half = (size + 1) // 2
         value = (value & ((1 << (8 * half)) - 1)) ^ (value >> (8 * half))
         size = half
+    # Fold 1024 bits down to 8: the low bits of each step hold the XOR of all chunks of that width.
+    value ^= value >> 512
+    value ^= value >> 256
+    value ^= value >> 128
+    value ^= value >> 64
+    value ^= value >> 32
+    value ^= value >> 16
+    value ^= value >> 8
     return value & 0xFF
 
 
@@ -155,7 +166,7 @@ class _Epoch:
 
     __slots__ = (
         "tod_ms", "date_ord", "kinds", "lat", "lon", "pos_rank", "alt_m", "geoid_sep_m", "speed_mps",
-        "course_deg", "quality", "hdop", "pdop", "vdop", "sats_used", "gsa_sats", "gsv_sats", "mode",
+        "course_deg", "quality", "hdop", "pdop", "vdop", "sats_used", "gsa_sats", "in_view", "mode",
         "status", "faa_mode", "lat_err_m", "lon_err_m", "alt_err_m",
     )
 
@@ -170,7 +181,7 @@ class _Epoch:
         self.quality = self.sats_used = self.mode = None
         self.hdop = self.pdop = self.vdop = None
         self.gsa_sats: set[tuple[str, str]] = set()
-        self.gsv_sats: set[tuple[str, str]] = set()
+        self.in_view: dict[str, int] = {}  # talker -> satellites in view (GSV field 3)
         self.status = self.faa_mode = None
         self.lat_err_m = self.lon_err_m = self.alt_err_m = None
 
@@ -189,7 +200,7 @@ class _Epoch:
             lat=self.lat, lon=self.lon, alt_m=self.alt_m, speed_mps=self.speed_mps, course_deg=self.course_deg,
             quality=self.quality, hdop=self.hdop, sats_used=sats_used, mode=self.mode,
             geoid_sep_m=self.geoid_sep_m, pdop=self.pdop, vdop=self.vdop,
-            sats_in_view=len(self.gsv_sats) if self.gsv_sats else None,
+            sats_in_view=sum(self.in_view.values()) if self.in_view else None,
             status=self.status, faa_mode=self.faa_mode,
             lat_err_m=self.lat_err_m, lon_err_m=self.lon_err_m, alt_err_m=self.alt_err_m,
         )
@@ -265,33 +276,23 @@ class NmeaDecoder:
     # ---- framing ------------------------------------------------------------------------------
 
     def _piece(self, piece: bytes, out: list) -> None:
-        piece = piece.rstrip(b" \t\x00")
-        if len(piece) > MAX_SENTENCE:
+        if len(piece) > MAX_SENTENCE and len(piece.rstrip(b" \t\x00")) > MAX_SENTENCE:
             self.counters["overlong"] += 1
             return
-        star = piece.rfind(b"*")
-        if star < 0:
-            if not self.allow_missing_checksum:
-                self.counters["missing_checksum" if len(piece) > 6 and b"," in piece else "garbage"] += 1
-                return
-            body = piece[1:]
-        else:
-            body = piece[1:star]
-            given = piece[star + 1:]
-            if len(given) != 2:
-                self.counters["garbage"] += 1
-                return
-            try:
-                expected = int(given, 16)
-            except ValueError:
-                self.counters["garbage"] += 1
-                return
-            if checksum(body) != expected:
+        match = _SENTENCE.match(piece)
+        if match is not None:
+            body = match.group(1)
+            if checksum(body) != _HEX[match.group(2)]:
                 self.counters["bad_checksum"] += 1
                 return
-        if body.translate(None, _PRINTABLE) or b"*" in body:
-            self.counters["garbage"] += 1
-            return
+        else:
+            body = piece.rstrip(b" \t\x00")[1:]
+            if b"*" in body or body.translate(None, _PRINTABLE):
+                self.counters["garbage"] += 1  # a malformed checksum, control or binary bytes
+                return
+            if not self.allow_missing_checksum:
+                self.counters["missing_checksum" if len(body) > 5 and b"," in body else "garbage"] += 1
+                return
         fields = body.decode("ascii").split(",")
         address = fields[0]
         # Proprietary ($P...), AIS encapsulation (!) and unknown sentences are skipped; Quectel's
@@ -469,11 +470,12 @@ class NmeaDecoder:
             epoch.vdop = vdop
 
     def _gsv(self, talker: str, f: list[str], out: list) -> None:
-        # GSV,total,number,in_view,{prn,elev,azim,snr}x(1..4)[,signalid]
+        # GSV,total,number,in_view,{prn,elev,azim,snr}x(1..4)[,signalid]. NMEA 4.10 receivers send
+        # one group per signal (L1, L5, ...) with the same satellites: the largest count per talker.
         epoch = self._epoch_for((talker, "GSV"), None, out)
-        for i in range(4, len(f) - 3, 4):
-            if f[i]:
-                epoch.gsv_sats.add((talker, f[i]))
+        count = _int(f[3])
+        if count is not None and count > epoch.in_view.get(talker, -1):
+            epoch.in_view[talker] = count
 
     def _vtg(self, talker: str, f: list[str], out: list) -> None:
         # VTG,course,T,course_mag,M,knots,N,kmh,K[,mode]

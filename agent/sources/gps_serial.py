@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import select
 import threading
 
 from agent.clock import Clock
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 def floor_utc(day: _dt.date) -> float:
     """Unix seconds of 00:00 UTC on ``day``."""
     return _dt.datetime(day.year, day.month, day.day, tzinfo=_dt.timezone.utc).timestamp()
+
+
+# How long a quiet line is waited on between checks for stop and silence.
+IDLE_WAIT_S = 0.5
 
 
 class GpsSerialSource:
@@ -89,10 +94,15 @@ class GpsSerialSource:
                 stop.wait(self.config.reopen_interval_s)
 
     def _read(self, port, emit: Emit, stop: threading.Event) -> None:
+        fd = port.fileno()
         quiet = False
         while not stop.is_set():
-            # Everything waiting in one read (a read per byte costs a core at high rates).
-            data = port.read(max(1, port.in_waiting))
+            # Wait for bytes: epoch_timeout_s while an epoch may be incomplete, then longer (the
+            # thread still wakes for stop and silence checks) so an idle line costs few wake-ups.
+            ready, _, _ = select.select([fd], [], [], IDLE_WAIT_S if quiet else self.config.epoch_timeout_s)
+            # Everything waiting in one read (a read per byte costs a core at high rates). Readable
+            # with nothing waiting is a vanished device: pyserial's read raises SerialException.
+            data = port.read(max(1, port.in_waiting)) if ready else b""
             mono = self.clock.monotonic()
             if data:
                 quiet = False
