@@ -1,8 +1,9 @@
 """The installed systemd units pass `systemd-analyze verify`, and the agent's is hardened (exposure <= 3.0).
 
 A staging install (install.sh --root) is checked with the unit files' /opt paths pointed into the
-staging tree, so that verify finds the installed executables. In CI (CI=true, as root) a real
-install is checked as it is, at /etc/systemd/system.
+staging tree, so that verify finds the installed executables. A real install (as root) is checked
+as it is, at /etc/systemd/system, inside a private mount namespace with overlays on /etc, /opt, /usr
+and /var, so that it can run on any machine (CI included) and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -41,9 +42,14 @@ def exposure(unit: Path, root: str | None = None) -> float:
 
 
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory) -> Path:
+def wheelhouse(tmp_path_factory) -> Path:
+    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, wheelhouse) -> Path:
     root = tmp_path_factory.mktemp("root")
-    install("--root", str(root), "--wheelhouse", str(build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))))
+    install("--root", str(root), "--wheelhouse", str(wheelhouse))
     return root
 
 
@@ -77,13 +83,62 @@ def test_agent_unit_essentials():
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
 
 
-@pytest.mark.skipif(
-    not (os.environ.get("CI") == "true" and os.geteuid() == 0),
-    reason="a real install changes this machine: it runs only in CI (CI=true, as root)",
-)
-def test_real_install_verifies(tmp_path_factory):
-    install("--wheelhouse", str(build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))))
-    units = [Path("/etc/systemd/system") / unit for unit in UNITS]
-    assert verify(units) == ""
-    assert exposure(units[0]) <= MAX_EXPOSURE
-    assert Path("/opt/telematics-agent/bin/telematics-agent").exists()
+# A real install (no --root) into a private mount namespace whose /etc, /opt, /usr and /var are
+# overlays on the real ones: install.sh runs exactly as on a box, and the host is left untouched.
+REAL_INSTALL = """
+set -eu
+for d in etc opt usr var; do
+    mkdir -p "$WORK/$d/upper" "$WORK/$d/work"
+    mount -t overlay overlay -o "lowerdir=/$d,upperdir=$WORK/$d/upper,workdir=$WORK/$d/work" "/$d"
+done
+bash "$INSTALL_SH" --wheelhouse "$WHEELHOUSE" > "$OUT/install1.txt"
+bash "$INSTALL_SH" --wheelhouse "$WHEELHOUSE" > "$OUT/install2.txt"
+id telematics > "$OUT/id.txt"
+stat -c '%U:%G %a %n' /etc/telematics-agent /etc/telematics-agent/agent.yaml /var/lib/telematics-agent > "$OUT/stat.txt"
+systemd-analyze verify /etc/systemd/system/telematics-agent.service /etc/systemd/system/telematics-collector.service \
+    /etc/systemd/system/telematics-firstboot.service > "$OUT/verify.txt" 2>&1 || echo "exit status $?" >> "$OUT/verify.txt"
+systemd-analyze security --offline=true --no-pager /etc/systemd/system/telematics-agent.service > "$OUT/security.txt" 2>&1 || true
+/opt/telematics-agent/bin/telematics-agent check-config -q /etc/telematics-agent/agent.yaml > "$OUT/check.txt" 2>&1
+bash "$INSTALL_SH" --uninstall > "$OUT/uninstall.txt"
+ls -A /etc/systemd/system /opt > "$OUT/after.txt"
+test -f /etc/telematics-agent/agent.yaml && test -d /var/lib/telematics-agent && echo kept >> "$OUT/after.txt"
+"""
+
+
+def _can_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+def test_real_install_verifies(tmp_path, wheelhouse):
+    if not _can_unshare():
+        reason = "a real install needs root and a private mount namespace (unshare -m) to leave this machine untouched"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    env = dict(os.environ, WORK=str(work), OUT=str(out), INSTALL_SH=str(REPO / "install.sh"),
+               WHEELHOUSE=str(wheelhouse))
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", REAL_INSTALL], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "writing /etc/telematics-agent/agent.yaml" in (out / "install1.txt").read_text()
+    assert "keeping the existing /etc/telematics-agent/agent.yaml" in (out / "install2.txt").read_text()
+    groups = (out / "id.txt").read_text()
+    assert "(dialout)" in groups and "(gpio)" in groups
+    assert (out / "stat.txt").read_text().splitlines() == [
+        "root:telematics 750 /etc/telematics-agent",
+        "root:telematics 640 /etc/telematics-agent/agent.yaml",
+        "telematics:telematics 750 /var/lib/telematics-agent",
+    ]
+    assert (out / "verify.txt").read_text().strip() == ""
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", (out / "security.txt").read_text())
+    assert match and float(match.group(1)) <= MAX_EXPOSURE, (out / "security.txt").read_text()
+    assert (out / "check.txt").read_text() == ""
+    after = (out / "after.txt").read_text()
+    assert "telematics" not in after.replace("kept", "") and after.strip().endswith("kept")
+    # Nothing leaked out of the namespace.
+    assert not Path("/opt/telematics-agent").exists()
+    assert "telematics:" not in Path("/etc/passwd").read_text()
