@@ -241,3 +241,22 @@ def test_every_corpus_byte_arrives_unchanged_with_keep_dates(corpus):
     expected = b"\n".join(line for line in lines if not line.startswith(b"#"))
     data, _ = _replay_and_read(NmeaReplay(path, speed=1000, baud=4_000_000, keep_dates=True))
     assert data == expected
+
+
+@pytest.mark.corpus
+def test_every_corpus_capture_loads_with_a_monotonic_schedule_and_dates_move_cleanly(corpus):
+    files = sorted((corpus / "nmea").glob("*.log")) + sorted((corpus / "drives").iterdir())
+    assert len(files) >= 50
+    for path in files:
+        timeline = load_nmea(path)
+        offsets = [line.offset_s for line in timeline.lines]
+        assert offsets == sorted(offsets), path.name
+        assert offsets[-1] < 3 * 3600, path.name  # the longest capture is the 149-minute Tahoe drive
+        for line in timeline.lines:
+            moved = nmea_writer.shift_date(line.text, 3000)
+            # A valid sentence stays valid; anything else comes out exactly as it went in.
+            assert nmea_writer.checksum_ok(moved) if nmea_writer.checksum_ok(line.text) else moved == line.text or "*" not in line.text
+            assert nmea_writer.time_of_day(moved) == nmea_writer.time_of_day(line.text)
+    tahoe = load_nmea(corpus / "drives" / "dotmorten_NmeaSampleData.txt")
+    # The Reno-Tahoe drive crosses midnight UTC: its schedule runs on through it.
+    assert 140 * 60 < tahoe.duration_s < 170 * 60
