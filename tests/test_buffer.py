@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.buffer.store import DB_NAME, RESERVE_NAME, DurableBuffer
+from agent.buffer.store import DB_NAME, RESERVE_NAME, BufferError, DurableBuffer
 from agent.config import BufferConfig
 from agent.record import Event, Fix, Record, Signal, Status
 
@@ -170,6 +170,19 @@ def test_a_damaged_store_is_moved_aside_and_seq_never_repeats(data_dir, damage, 
     if damage != "emptied":
         assert list(data_dir.glob(f"{DB_NAME}.corrupt-*")), "the damaged file is kept for inspection"
         assert "moved aside" in caplog.text
+
+
+def test_a_second_agent_cannot_open_a_store_in_use_and_nothing_is_moved_aside(data_dir):
+    first = open_buffer(data_dir)
+    first.append([fix(0)])
+    first.flush()
+    with pytest.raises(BufferError, match="locked"):
+        open_buffer(data_dir)
+    assert not list(data_dir.glob("*.corrupt-*"))
+    first.close()
+    again = open_buffer(data_dir)
+    assert again.stats()["depth"] == 1
+    again.close()
 
 
 def test_a_garbled_reserve_file_does_not_stop_a_healthy_store(data_dir):

@@ -122,7 +122,10 @@ class DurableBuffer:
         moved = False
         try:
             stored_next = self._connect()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
+            if not _is_corrupt(exc):
+                # Locked by another agent, an I/O error: moving a healthy store aside would lose it.
+                raise BufferError(f"cannot open the buffer {self._path}: {exc}") from exc
             self._move_aside(f"cannot open: {exc}", lost=None)
             moved = True
             stored_next = self._connect()
@@ -299,12 +302,22 @@ class DurableBuffer:
     def _committer(self) -> None:
         window = self._config.commit_window_s
         next_at = time.monotonic() + window
+        failing = False
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             next_at = time.monotonic() + window
             try:
                 self.flush()
-            except Exception:  # the committer must outlive any one bad window; the cause is logged
+            except sqlite3.Error as exc:
+                if not failing:
+                    log.error("buffer %s: commit failed (%s); keeping the records in memory, retrying each window", self._path, exc)
+                failing = True
+                continue
+            except Exception:  # a bug: the committer must outlive it, loudly
                 log.exception("buffer commit failed; retrying next window")
+                continue
+            if failing:
+                log.warning("buffer %s: commits work again", self._path)
+                failing = False
 
     def _commit(self) -> None:
         with self._pending_lock:
@@ -319,23 +332,20 @@ class DurableBuffer:
             started = time.perf_counter()
             try:
                 self._write(batch, deletes)
-            except sqlite3.OperationalError as exc:
-                if not _is_full(exc):
-                    self._rollback()
-                    self._deletes = deletes + self._deletes
-                    self._requeue_pending(batch)
-                    raise
+            except sqlite3.Error as exc:
                 self._rollback()
                 self._deletes = deletes + self._deletes
-                self._on_disk_full(batch, exc)
-                return
-            except sqlite3.DatabaseError as exc:
-                self._rollback()
-                lost = self._depth
+                if _is_corrupt(exc):
+                    lost = self._depth
+                    self._requeue_pending(batch)
+                    self._move_aside(f"write failed: {exc}", lost=lost)
+                    self._connect()
+                    return
+                if _is_full(exc):
+                    self._on_disk_full(batch, exc)
+                    return
                 self._requeue_pending(batch)
-                self._move_aside(f"write failed: {exc}", lost=lost)
-                self._connect()
-                return
+                raise
             if self._disk_full:
                 self._disk_full = False
                 log.warning("buffer %s: writing again after a full disk", self._path)
@@ -529,12 +539,15 @@ class DurableBuffer:
         """Open the SQLite file and check it; returns the stored next seq, None for a new store."""
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=5.0)
         try:
+            # One agent per store: a second process fails to open it instead of sharing sequence numbers.
+            # (Exclusive locking also keeps the WAL index in memory, not in a mmapped -shm file.)
+            conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL in WAL mode: every commit fsyncs the WAL, so a committed window survives a power cut.
             conn.execute("PRAGMA synchronous=FULL")
             check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
             if check != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {check}")
+                raise _Corrupt(f"quick_check: {check}")
             conn.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
             for table in ("urgent", "records"):
                 conn.execute(f"CREATE TABLE IF NOT EXISTS {table}(seq INTEGER PRIMARY KEY, body BLOB NOT NULL)")
@@ -621,5 +634,16 @@ class DurableBuffer:
         self._reserve = value
 
 
-def _is_full(exc: sqlite3.OperationalError) -> bool:
-    return "full" in str(exc).lower() or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+class _Corrupt(sqlite3.DatabaseError):
+    """The store fails its integrity check."""
+
+
+def _is_corrupt(exc: sqlite3.Error) -> bool:
+    """Damage to the file itself (SQLITE_CORRUPT, SQLITE_NOTADB), as opposed to locks or I/O errors."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, _Corrupt) or (code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB))
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "disk is full" in str(exc)
