@@ -76,7 +76,8 @@ class NmeaReplay:
         days = 0
         if not keep_dates and self.timeline.first_date is not None:
             days = ((today or _dt.datetime.now(_dt.timezone.utc).date()) - self.timeline.first_date).days
-        self.date_shift_days = days
+        if days:
+            log.info("%s: dates move by %+d days (%s -> today)", self.path, days, self.timeline.first_date)
         self.lines = [
             (line.offset_s - start_s, nmea_writer.shift_date(line.text, days).encode("latin-1"))
             for line in self.timeline.lines
@@ -286,11 +287,6 @@ class Replay:
                 # With NMEA, the NMEA replay reports progress (drive time is its own).
                 progress=None if nmea else progress,
             )
-
-    @property
-    def duration_s(self) -> float:
-        """Drive seconds of one pass."""
-        return self.nmea.duration_s if self.nmea is not None else self.can.duration_s
 
     def run(self, stop: threading.Event | None = None, speed: float | None = None) -> None:
         """Replay both until done (or ``stop``); NMEA on this thread, CAN on a helper thread."""
