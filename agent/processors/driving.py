@@ -7,8 +7,8 @@ when crawling). One event per manoeuvre: it starts when the threshold is crossed
 when the acceleration falls back below it, stamped at its start, with ``peak_mps2`` and
 ``duration_s``.
 
-Overspeed compares the speed with the lowest of the global limit and the speed-zone fences the
-truck is in (``speed_limit()`` of the geofence processor). An episode ends once the speed stayed
+Overspeed compares the speed with the lowest of the global limit and the speed-zone fences
+containing the last fix (``speed_limit_at(lat, lon)`` of the geofence processor). An episode ends once the speed stayed
 at or below the limit for ``overspeed_end_s``; episodes of at least ``overspeed_min_s`` give one
 ``overspeed`` event with ``peak_kmh``, ``duration_s``, ``limit_kmh`` and the zone's ``geofence_id``.
 """
@@ -33,7 +33,7 @@ MIN_DERIVATIVE_S = 1.0
 WHEEL_SPEED_FRESH_S = 2.0
 MAX_COURSE_GAP_S = 2.0
 
-SpeedLimit = Callable[[], "tuple[float, str] | None"]
+SpeedLimit = Callable[[float, float], "tuple[float, str] | None"]
 
 
 class _Episode:
@@ -156,7 +156,8 @@ class DrivingMonitor:
         limits: list[tuple[float, str | None]] = []
         if self.config.overspeed_kmh is not None:
             limits.append((self.config.overspeed_kmh, None))
-        zone = self._speed_limit() if self._speed_limit else None
+        lat, lon = self._pos
+        zone = self._speed_limit(lat, lon) if self._speed_limit and lat is not None else None
         if zone is not None:
             limits.append(zone)
         return min(limits, key=lambda item: item[0]) if limits else (None, None)

@@ -1,7 +1,7 @@
 """The edge processors in the order records must pass through them, built from the ``edge:`` config.
 
 Order matters: geofences first (stops ask it for the customer stop a stop is in, driving asks it
-for the speed zone the truck is in), then stops, trips, idling and driving, which all see every
+for the speed zones a fix is in), then stops, trips, idling and driving, which all see every
 fix; then trouble codes, fuel level and maintenance; adaptive reporting last, as it drops the fixes it does not report, and it sees the events the
 others emitted for a fix just before that fix (so the fix of an event is always reported).
 """
@@ -37,7 +37,7 @@ class EdgeChain:
             StopDetector(config.stops, data_dir, self.geofences.customer_stop_at),
             TripDetector(config.trips, data_dir),
             IdleDetector(config.idling, config.trips.engine_on_rpm, data_dir),
-            DrivingMonitor(config.driving, self.geofences.speed_limit),
+            DrivingMonitor(config.driving, self.geofences.speed_limit_at),
             DiagnosticsMonitor(config.diagnostics, data_dir),
             self.reporter,
         ]

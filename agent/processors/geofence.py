@@ -20,7 +20,7 @@ import logging
 import math
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import shapely
@@ -443,18 +443,25 @@ class GeofenceProcessor:
         """Fences the truck is in (after hysteresis), in the order it entered them."""
         return [fid for fid, s in self._states.items() if s.inside]
 
-    def speed_limit(self) -> tuple[float, str] | None:
-        """The lowest (limit km/h, fence id) of the speed-limited fences the truck is in, or None."""
-        limits = [(f.speed_limit_kmh, f.id) for f in (self.set.by_id[i] for i in self.inside_ids()) if f.speed_limit_kmh]
+    def speed_limit_at(self, lat: float, lon: float) -> tuple[float, str] | None:
+        """The lowest (limit km/h, fence id) of the speed-limited fences containing the point, or None.
+
+        Plain containment, no hysteresis: it depends on the position only, so the driving monitor
+        gets the same answer however records are batched, and the limit holds from the boundary.
+        """
+        limits = [(f.speed_limit_kmh, f.id) for f in self._containing(lat, lon) if f.speed_limit_kmh]
         return min(limits) if limits else None
 
     def customer_stop_at(self, lat: float, lon: float) -> str | None:
         """The id of a customer-stop fence containing the point (no hysteresis), or None."""
+        return next((f.id for f in self._containing(lat, lon) if f.type == "customer_stop"), None)
+
+    def _containing(self, lat: float, lon: float) -> Iterator[Fence]:
+        """The fences containing the point, in set order."""
         for i in self._index.candidates(shapely.Point(lon, lat)).tolist():
             fence = self._index.fences[i]
-            if fence.type == "customer_stop" and fence.contains(lat, lon):
-                return fence.id
-        return None
+            if fence.contains(lat, lon):
+                yield fence
 
     def _save(self) -> None:
         self._state_file.save({
