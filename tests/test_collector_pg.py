@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -33,25 +32,7 @@ psycopg = pytest.importorskip("psycopg")
 from collector.store_pg import PostgresStore  # noqa: E402
 
 from conftest import wait_until  # noqa: E402
-
-SERVER = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def pg_dsn():
-    """A DSN whose search_path is a fresh schema in database ``test``."""
-    try:
-        admin = psycopg.connect(SERVER, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but PostgreSQL is not reachable at {SERVER}: {exc}")
-        pytest.skip(f"PostgreSQL is not reachable at {SERVER}")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin.execute(f"CREATE SCHEMA {schema}")
-    yield f"{SERVER}?options=-csearch_path%3D{schema}"
-    admin.execute(f"DROP SCHEMA {schema} CASCADE")
-    admin.close()
-
+from pg_helpers import pg_dsn  # noqa: E402,F401 - a fixture
 
 def _fixes(device_seq0: int, n: int, t0: float = 1_772_440_200.0) -> list[Record]:
     return [Record(utc=t0 + i, mono=0.0, seq=device_seq0 + i,
