@@ -149,3 +149,31 @@ def test_a_jump_far_away_exits_fences_that_are_no_longer_candidates():
     d.stay(10)
     got = [t for t, _ in events(run([GeofenceProcessor(GeofencesConfig(), None, fences)], d.records))]
     assert got == ["geofence_enter", "geofence_exit"]
+
+
+def test_replace_from_another_thread_while_fixes_are_processed():
+    import threading
+
+    depot = square("depot", "depot", *HOME, 100)
+    sets = [GeofenceSet.from_geojson(collection(depot, circle(f"c{k}", "no_go", *HOME, 50 + k))) for k in range(20)]
+    processor = GeofenceProcessor(GeofencesConfig(), None, sets[0], "v0")
+    d = Drive(*HOME)
+    d.stay(3000)
+    errors = []
+
+    def swap():
+        try:
+            for k, fence_set in enumerate(sets):
+                processor.replace(fence_set, f"v{k}")
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=swap)
+    thread.start()
+    out = run([processor], d.records)
+    thread.join()
+    assert errors == []
+    assert processor.version == "v19"
+    # The depot is in every version: entered once, never left.
+    assert [a["geofence_id"] for t, a in events(out) if t == "geofence_enter"].count("depot") == 1
+    assert not [a for t, a in events(out) if t == "geofence_exit" and a["geofence_id"] == "depot"]

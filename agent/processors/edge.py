@@ -24,13 +24,15 @@ class EdgeChain:
     """Geofences, stops, trips, idling, driving and health events, adaptive reporting, wired together.
 
     ``data_dir`` holds their restart state (None: in memory only, for offline runs). ``fence_set``
-    overrides ``config.geofences.file``. Raises GeofenceError for an unusable fence file.
+    (with its ``fence_version``, e.g. one received remotely) overrides ``config.geofences.file``.
+    Raises GeofenceError for an unusable fence file.
     """
 
-    def __init__(self, config: EdgeConfig, data_dir: str | Path | None, fence_set: GeofenceSet | None = None) -> None:
+    def __init__(self, config: EdgeConfig, data_dir: str | Path | None, fence_set: GeofenceSet | None = None,
+                 fence_version: str | None = None) -> None:
         if fence_set is None and config.geofences.file:
             fence_set = GeofenceSet.load(config.geofences.file)
-        self.geofences = GeofenceProcessor(config.geofences, data_dir, fence_set)
+        self.geofences = GeofenceProcessor(config.geofences, data_dir, fence_set, fence_version)
         self.reporter = AdaptiveReporter(config.reporting)
         self.processors = [
             self.geofences,

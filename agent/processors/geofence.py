@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any, Iterator
@@ -321,7 +322,8 @@ class _FenceState:
 class GeofenceProcessor:
     """Turns fixes into geofence_enter / geofence_exit / geofence_dwell / stop_approach events."""
 
-    def __init__(self, config: GeofencesConfig, data_dir: str | Path | None, fence_set: GeofenceSet | None = None) -> None:
+    def __init__(self, config: GeofencesConfig, data_dir: str | Path | None, fence_set: GeofenceSet | None = None,
+                 version: str | None = None) -> None:
         self.config = config
         self.version: str | None = None
         self._state_file = StateFile(data_dir, "edge-geofence")
@@ -331,26 +333,33 @@ class GeofenceProcessor:
             self._states[fid] = _FenceState(bool(s.get("inside")), s.get("since"), bool(s.get("dwell_done")), bool(s.get("armed", True)))
         self._speeds: deque[tuple[float, float]] = deque()
         self._speed_sum = 0.0
+        self._lock = threading.Lock()
         self.set = GeofenceSet([])
         self._index = _Index(self.set, config)
-        self.replace(fence_set or GeofenceSet([]), saved.get("version"))
+        self.replace(fence_set or GeofenceSet([]), version)
 
     def replace(self, new_set: GeofenceSet, version: str | None) -> None:
-        """Swap in a validated fence set at once; state of fences that are gone is dropped."""
-        index = _Index(new_set, self.config)  # built before the swap: the old set serves until then
+        """Swap in a validated fence set at once; state of fences that are gone is dropped.
+
+        May be called from any thread (remote management): the index is built first, in the
+        caller's thread, while the old set keeps serving; the swap waits for the fix in progress.
+        """
+        index = _Index(new_set, self.config)
         position = {fid: i for i, fid in enumerate(index.ids)}
-        self.set, self._index, self._position, self.version = new_set, index, position, version
-        gone = [fid for fid in self._states if fid not in new_set.by_id]
-        for fid in gone:
-            del self._states[fid]
+        with self._lock:
+            self.set, self._index, self._position, self.version = new_set, index, position, version
+            gone = [fid for fid in self._states if fid not in new_set.by_id]
+            for fid in gone:
+                del self._states[fid]
+            self._save()
         log.info("geofence set version %s active: %d fences (%d dropped from state)", version, len(new_set), len(gone))
-        self._save()
 
     def process(self, record: Record) -> list[Record]:
         fix = record.data
         if not isinstance(fix, Fix):
             return [record]
-        events = self._on_fix(record, fix)
+        with self._lock:  # uncontended except during a replace
+            events = self._on_fix(record, fix)
         return [*events, record]
 
     def _on_fix(self, record: Record, fix: Fix) -> list[Record]:
@@ -458,8 +467,9 @@ class GeofenceProcessor:
 
     def _containing(self, lat: float, lon: float) -> Iterator[Fence]:
         """The fences containing the point, in set order."""
-        for i in self._index.candidates(shapely.Point(lon, lat)).tolist():
-            fence = self._index.fences[i]
+        index = self._index  # one set throughout, even if another thread replaces it meanwhile
+        for i in index.candidates(shapely.Point(lon, lat)).tolist():
+            fence = index.fences[i]
             if fence.contains(lat, lon):
                 yield fence
 
