@@ -10,6 +10,8 @@ COMMANDS = {
     "run": ("agent.commands.run", "run the agent daemon"),
     "check-config": ("agent.commands.check_config", "validate a config file and print it with defaults"),
     "provision": ("agent.commands.provision", "give this box its identity, keys and broker; check them; first boot"),
+    "release": ("agent.commands.release", "build, sign and verify over-the-air update archives"),
+    "update": ("agent.commands.update", "apply a verified update (A/B install, health check, rollback); as root"),
     "status": ("agent.commands.status", "show the running agent's status (GPS, CAN, buffer, broker, power)"),
     "decode-nmea": ("agent.commands.decode_nmea", "print every fix of an NMEA capture as JSON lines"),
     "decode-can": ("agent.commands.decode_can", "print every decoded signal, trouble code set and reassembled message of a CAN capture as JSON lines"),
@@ -20,3 +22,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``telematics-agent`` console command."""
     return dispatch("telematics-agent", __doc__, COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -182,6 +182,43 @@ class RemoteConfig(_Section):
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 
+class UpdateConfig(_Section):
+    """Over-the-air updates (docs/ota.md): signed releases, A/B install, health check, rollback."""
+
+    enabled: bool = True
+    # The fleet's Ed25519 release key (PEM), installed at provisioning; without it every update is refused.
+    public_key: str = "/etc/telematics-agent/release.pub"
+    # Versions below this are refused; None: the running version is the floor (no downgrades).
+    min_version: str | None = None
+    # Download speed cap in bytes/s, like the backlog's (cellular plans cost money); 0: no cap.
+    max_bytes_per_s: NonNegFloat = 0.0
+    ca_file: str | None = None  # CA bundle for HTTPS downloads; None: the system's
+    # Chunks over MQTT: ask again for the missing ones after this long without a chunk.
+    chunk_idle_s: PositiveFloat = 30.0
+    install_root: str = "/opt/telematics-agent"  # versions/<v>/ (one venv each) and the current link
+    python: str = "/usr/bin/python3"  # the interpreter of the new versions' virtual environments
+    service: str = "telematics-agent.service"
+    # The new version must prove itself healthy within this time, else the previous one comes back.
+    health_timeout_s: PositiveFloat = 300.0
+    # This many restarts of the new version within the health window is a crash loop: roll back at once.
+    max_restarts: PositiveInt = 2
+    keep_versions: Annotated[int, msgspec.Meta(ge=2)] = 2  # installed versions kept (current and previous)
+    # Runs the root-only install step outside the agent's sandbox: this prefix, then the running
+    # version's `telematics-agent update apply ...` ([] in tests: a plain child process).
+    apply_launcher: list[str] = msgspec.field(default_factory=lambda: [
+        "systemd-run", "--unit=telematics-update", "--collect", "--quiet"])
+
+
+class CertificatesConfig(_Section):
+    """Client certificate renewal over MQTT (docs/certificates.md)."""
+
+    enabled: bool = True
+    renew_before_days: PositiveFloat = 30.0  # renew when the certificate expires within this many days
+    check_interval_s: PositiveFloat = 3600.0  # how often the expiry is looked at
+    # No signed certificate within this time: give up this attempt (reported), retry at the next check.
+    response_timeout_s: PositiveFloat = 120.0
+
+
 class GeofencesConfig(_Section):
     """Geofences (GeoJSON) and their hysteresis; per-fence properties override the defaults."""
 
@@ -365,6 +402,8 @@ class Config(_Section):
     power: PowerConfig = msgspec.field(default_factory=PowerConfig)
     status: StatusConfig = msgspec.field(default_factory=StatusConfig)
     remote: RemoteConfig = msgspec.field(default_factory=RemoteConfig)
+    update: UpdateConfig = msgspec.field(default_factory=UpdateConfig)
+    certificates: CertificatesConfig = msgspec.field(default_factory=CertificatesConfig)
     edge: EdgeConfig = msgspec.field(default_factory=EdgeConfig)
     can: CanConfig | None = None  # None: no CAN source
 

@@ -154,3 +154,11 @@ def pty_gps():
     gps = PtyGps()
     yield gps
     gps.close()
+
+
+@pytest.fixture(scope="session")
+def ota_releases(tmp_path_factory):
+    """Signed releases of this checkout (tests/ota_helpers.py), each built once per session."""
+    from ota_helpers import ReleaseFactory
+
+    return ReleaseFactory(tmp_path_factory.mktemp("ota-releases"))

@@ -1,0 +1,43 @@
+"""``telematics-agent update apply ARCHIVE``: the root-only install step of an over-the-air update.
+
+The running agent starts it (``update.apply_launcher``) after downloading and verifying ARCHIVE;
+it verifies again, installs side by side, switches ``current``, restarts the service, and rolls
+back when the new version is not healthy in time (docs/ota.md). It prints the outcome as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from agent.cli_base import CommandError, setup_logging
+from agent.config import ConfigError, load_config
+
+DEFAULT_CONFIG = "/etc/telematics-agent/agent.yaml"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    apply = sub.add_parser("apply", help="install a downloaded release, switch to it, roll back if unhealthy")
+    apply.add_argument("--config", default=DEFAULT_CONFIG, help=f"the agent's config (default {DEFAULT_CONFIG})")
+    apply.add_argument("archive")
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.ota.health import SystemdService
+    from agent.ota.install import Layout
+    from agent.ota.update import apply_update
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from exc
+    setup_logging(config.logging.level)
+    archive = Path(args.archive)
+    if not archive.is_file():
+        raise CommandError(f"no archive {archive}")
+    state = apply_update(archive, config, args.config, Layout(Path(config.update.install_root)),
+                         SystemdService(config.update.service))
+    print(json.dumps({k: state.get(k) for k in ("outcome", "version", "previous", "reason")}))
+    return 0 if state.get("outcome") == "applied" else 1
