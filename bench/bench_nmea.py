@@ -77,7 +77,7 @@ def live(seconds: float) -> dict:
 
     master, slave = os.openpty()
     tty.setraw(slave)
-    config = GpsConfig(port=os.ttyname(slave), baud=460800, epoch_timeout_s=0.05)
+    config = GpsConfig(port=os.ttyname(slave), baud=460800)  # default epoch_timeout_s
     source = GpsSerialSource(config, SystemClock())
     stop = threading.Event()
     records: list = []
