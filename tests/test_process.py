@@ -107,3 +107,31 @@ def test_gps_outage_of_a_real_drive_is_lost_then_regained(corpus):
     gps = [json.loads(line) for line in result.stdout.splitlines() if '"gps_' in line]
     assert [e["type"] for e in gps] == ["gps_lost", "gps_regained"]
     assert gps[0]["time"].startswith("2009-04-01T") and gps[1]["outage_s"] > 0
+
+
+def _sentence(body: str) -> str:
+    checksum = 0
+    for ch in body.encode("ascii"):
+        checksum ^= ch
+    return f"${body}*{checksum:02X}\r\n"
+
+
+def _rmc_gga(t: int, lat: float) -> str:
+    """One epoch at 12:00:00 + t s on 2026-03-02, at (lat N, 4.35 E), 10 knots north."""
+    hhmmss = f"12{t // 60:02d}{t % 60:02d}.00"
+    ddmm = f"{int(lat):02d}{(lat - int(lat)) * 60:07.4f}"
+    return (_sentence(f"GPRMC,{hhmmss},A,{ddmm},N,00421.0000,E,10.0,0.0,020326,,,A")
+            + _sentence(f"GPGGA,{hhmmss},{ddmm},N,00421.0000,E,1,09,0.9,5.0,M,47.0,M,,"))
+
+
+def test_a_gap_in_the_capture_is_gps_silent_then_regained(tmp_path):
+    capture = tmp_path / "gap.nmea"
+    # 20 s of fixes, 30 s of nothing (receiver unplugged), 20 s of fixes.
+    capture.write_text("".join(_rmc_gga(t, 52.0 + t * 5.14 / 111_195) for t in [*range(20), *range(50, 70)]))
+    result = process("--nmea", str(capture))
+    assert result.returncode == 0, result.stderr
+    gps = [json.loads(line) for line in result.stdout.splitlines() if '"gps_' in line]
+    assert [(e["type"], e["time"]) for e in gps] == [
+        ("gps_silent", "2026-03-02T12:00:24.000Z"),  # the last fix at 12:00:19, plus gps.silent_timeout_s (5 s)
+        ("gps_regained", "2026-03-02T12:00:50.000Z"),
+    ]
