@@ -87,6 +87,7 @@ def test_agent_unit_essentials():
 # overlays on the real ones: install.sh runs exactly as on a box, and the host is left untouched.
 REAL_INSTALL = """
 set -eu
+trap 'echo "FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 for d in etc opt usr var; do
     mkdir -p "$WORK/$d/upper" "$WORK/$d/work"
     mount -t overlay overlay -o "lowerdir=/$d,upperdir=$WORK/$d/upper,workdir=$WORK/$d/work" "/$d"
@@ -123,7 +124,7 @@ def test_real_install_verifies(tmp_path, wheelhouse):
                WHEELHOUSE=str(wheelhouse))
     proc = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", REAL_INSTALL], env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, "\n".join(l for l in proc.stderr.splitlines() if "FAILED" in l) + "\n" + proc.stderr
     assert "writing /etc/telematics-agent/agent.yaml" in (out / "install1.txt").read_text()
     assert "keeping the existing /etc/telematics-agent/agent.yaml" in (out / "install2.txt").read_text()
     groups = (out / "id.txt").read_text()
