@@ -143,6 +143,8 @@ def decode_chunk(payload: bytes) -> tuple[str, int, bytes]:
     if HEADER.size + length > len(payload):
         raise ValueError("chunk header longer than the message")
     header = json.loads(payload[HEADER.size:HEADER.size + length])
+    if not isinstance(header, dict):
+        raise ValueError("chunk header is not a JSON object")
     version, index = header.get("version"), header.get("index")
     if not isinstance(version, str) or not isinstance(index, int) or isinstance(index, bool) or index < 0:
         raise ValueError(f"bad chunk header {header!r}")
