@@ -283,3 +283,47 @@ def test_sigkill_loses_at_most_the_commit_window(data_dir, run):
     assert seqs == list(range(1, len(seqs) + 1)), "a gap-free prefix survives"
     assert len(seqs) >= committed, "everything reported committed survives"
     assert old_enough and len(seqs) >= max(old_enough), "nothing older than the window is lost"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs: a disk that fills up (mounting needs root)."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mountpoint)], capture_output=True, text=True)
+    if done.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but a tmpfs cannot be mounted: {done.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mountpoint
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_a_filling_disk_drops_the_oldest_positions_keeps_events_and_never_stops(small_disk, caplog):
+    buf = open_buffer(small_disk / "data")
+    buf.append([event(i) for i in range(10)])
+    filler = small_disk / "other-files"  # someone else fills the disk too
+    filler.write_bytes(b"\0" * 10 * 1024 * 1024)
+    appended = 0
+    for chunk in range(40):  # 40 x 5000 records of about 150 bytes stored: more than the disk holds
+        buf.append([fix(i) for i in range(chunk * 5000, chunk * 5000 + 5000)])
+        appended += 5000
+        buf.flush()
+    buf.flush()  # the last records_dropped report
+    stats = buf.stats()
+    assert "less than" in caplog.text and "bytes free" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info]
+    assert stats["dropped"].get("fix", 0) > 0 and "event" not in stats["dropped"]
+    assert stats["pending"] == 0 and stats["committed_seq"] == stats["appended_seq"], "every window was written"
+    records = drain(buf)
+    assert sum(1 for r in records if r.kind == "event") == 10, "events survive a full disk"
+    reports = [r.data.attrs for r in records if r.kind == "status" and r.data.type == "records_dropped"]
+    assert reports and {a["reason"] for a in reports} == {"disk_full"}
+    assert sum(a["dropped_fix"] for a in reports) == stats["dropped"]["fix"]
+    fixes = [r.seq for r in records if r.kind == "fix"]
+    assert fixes == sorted(fixes) and len(fixes) + stats["dropped"]["fix"] == appended
+    filler.unlink()
+    buf.append([fix(0)])
+    buf.flush()
+    assert "disk space for" in caplog.text, "the end of the shortage is logged"
+    buf.close()

@@ -18,6 +18,7 @@ always ahead of every committed one, so a store moved aside as corrupt (or empti
 
 from __future__ import annotations
 
+import errno
 import heapq
 import itertools
 import logging
@@ -43,6 +44,8 @@ RESERVE_NAME = "seq.reserve"
 SEQ_BLOCK = 1_000_000
 # SQLite's own cost of a row beyond its body (rowid, cell header, b-tree slack), for the size cap.
 ROW_OVERHEAD = 16
+# Free space kept on the buffer's filesystem: the WAL (cut back to 4 MiB) and a checkpoint need room.
+DISK_HEADROOM = 8 * 1024 * 1024
 # Records waiting in memory for a store that cannot take them (disk full): beyond this, the oldest
 # positions are dropped and counted, so memory stays bounded however long the disk stays full.
 MAX_PENDING = 200_000
@@ -105,7 +108,7 @@ class DurableBuffer:
         self._depth = 0
         self._bytes = 0
         self._counters = _Counters()
-        self._full = False
+        self._states: set[str] = set()  # "full" (at max_bytes), "short" (of disk space)
         self._disk_full = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -332,20 +335,20 @@ class DurableBuffer:
             started = time.perf_counter()
             try:
                 self._write(batch, deletes)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:  # OSError: the reserve file on a full disk
                 self._rollback()
-                self._deletes = deletes + self._deletes
                 if _is_corrupt(exc):
                     lost = self._depth
                     self._requeue_pending(batch)
                     self._move_aside(f"write failed: {exc}", lost=lost)
                     self._connect()
                     return
-                if _is_full(exc):
-                    self._on_disk_full(batch, exc)
-                    return
-                self._requeue_pending(batch)
-                raise
+                if not (_is_full(exc) and self._retry_after_making_room(batch, deletes, exc)):
+                    self._deletes = deletes + self._deletes
+                    self._requeue_pending(batch)
+                    if _is_full(exc):
+                        return  # in memory, bounded; tried again next window
+                    raise
             if self._disk_full:
                 self._disk_full = False
                 log.warning("buffer %s: writing again after a full disk", self._path)
@@ -356,10 +359,12 @@ class DurableBuffer:
         conn = self._conn
         assert conn is not None
         rows = {"urgent": [], "records": []}
-        size = 0
+        size = growth = 0
         for record in batch:
             body = _encoder.encode(record)
             size += len(body) + ROW_OVERHEAD
+            if not _is_drop_report(record):
+                growth += len(body) + ROW_OVERHEAD
             rows["urgent" if PRIORITY[record.kind] == 0 else "records"].append((record.seq, body))
         top = batch[-1].seq if batch else 0  # pending is always in seq order (see append / _requeue_pending)
         if batch:
@@ -382,9 +387,15 @@ class DurableBuffer:
         committed_next = top + 1 if batch else self._committed_next
         depth = self._depth + len(batch) - removed_rows
         total = self._bytes + size - removed_bytes
+        over_cap = total - self._config.max_bytes
+        # Short of disk space: drop as much as this window adds (its drop reports aside), so the store
+        # stops growing before SQLite meets a full disk (where even a checkpoint or a delete may fail).
+        short = self._disk_short()
+        # A drop makes 1 % of the cap free (hysteresis), so the drop's own report does not cause the next.
+        excess = max(over_cap + self._config.max_bytes // 100 if over_cap > 0 else 0, growth if short else 0)
         dropped: dict[str, int] = {}
-        if total > self._config.max_bytes:
-            freed_rows, freed_bytes, dropped = self._drop_oldest(total - self._config.max_bytes)
+        if excess > 0:
+            freed_rows, freed_bytes, dropped = self._drop_oldest(excess)
             depth -= freed_rows
             total -= freed_bytes
         conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', ?)", (committed_next,))
@@ -393,16 +404,24 @@ class DurableBuffer:
         self._depth, self._bytes = depth, total
         if dropped:
             self._count_drops(dropped)
-            self._report_drops(dropped, "buffer_full")
-            if not self._full:
-                self._full = True
-                log.warning(
-                    "buffer %s is full (%d bytes cap): dropping the oldest records, first positions: %s",
-                    self._path, self._config.max_bytes, dropped,
-                )
-        elif self._full:
-            self._full = False
-            log.warning("buffer %s below its cap again; %d records dropped so far", self._path, self._dropped_total())
+            self._report_drops(dropped, "buffer_full" if over_cap > 0 else "disk_full")
+        self._log_state("full", over_cap > 0, f"buffer {self._path} is at its cap ({self._config.max_bytes} bytes): dropping the oldest positions",
+                        f"buffer {self._path} below its cap again; {self._dropped_total()} records dropped so far")
+        self._log_state("short", short, f"less than {DISK_HEADROOM} bytes free for {self._path}: dropping the oldest positions as new records come",
+                        f"disk space for {self._path} is back; {self._dropped_total()} records dropped so far")
+
+    def _disk_short(self) -> bool:
+        try:
+            st = os.statvfs(self._dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < DISK_HEADROOM
+
+    def _log_state(self, name: str, now: bool, entered: str, left: str) -> None:
+        """One warning when a condition starts and one when it ends, never one per window."""
+        if now != (name in self._states):
+            (self._states.add if now else self._states.discard)(name)
+            log.warning("%s", entered if now else left)
 
     def _drop_oldest(self, excess: int) -> tuple[int, int, dict[str, int]]:
         """Delete the oldest positions/signals (then events) until ``excess`` bytes are freed."""
@@ -439,24 +458,40 @@ class DurableBuffer:
     def _dropped_total(self) -> int:
         return sum(self._counters.dropped.values())
 
-    def _on_disk_full(self, batch: list[Record], exc: sqlite3.OperationalError) -> None:
-        """No space for this window: keep it in memory (bounded) and free space by dropping old positions."""
+    def _retry_after_making_room(self, batch: list[Record], deletes: list[tuple[int, int]], exc: Exception) -> bool:
+        """The disk is full: drop the oldest positions and write this window again. False: still no room
+        (the caller keeps the window in memory, bounded, and tries again next window)."""
         if not self._disk_full:
             self._disk_full = True
-            log.error("buffer %s: the disk is full (%s); keeping new records in memory and dropping the oldest", self._path, exc)
+            log.error("buffer %s: the disk is full (%s); dropping the oldest positions to make room", self._path, exc)
+        conn = self._conn
+        # Fold the WAL into the database so that the WAL file's space is reused for what follows.
+        self._checkpoint()
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            rows, nbytes, dropped = self._drop_oldest(max(len(batch) * 200, 64 * 1024))
-            self._conn.execute("COMMIT")
-        except sqlite3.OperationalError:
+            conn.execute("BEGIN IMMEDIATE")
+            rows, nbytes, dropped = self._drop_oldest(max(self._bytes // 20, len(batch) * 200, 64 * 1024))
+            conn.execute("COMMIT")
+        except sqlite3.Error:
             self._rollback()
             rows, nbytes, dropped = 0, 0, {}
         self._depth -= rows
         self._bytes -= nbytes
-        self._requeue_pending(batch)
         if dropped:
             self._count_drops(dropped)
             self._report_drops(dropped, "disk_full")
+        self._checkpoint()
+        try:
+            self._write(batch, deletes)
+        except (sqlite3.Error, OSError):
+            self._rollback()
+            return False
+        return True
+
+    def _checkpoint(self) -> None:
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # still full: the drop below may free pages for the next try
+            log.debug("buffer checkpoint failed: %s", exc)
 
     def _requeue_pending(self, batch: list[Record]) -> None:
         """Put an uncommitted window back in front of what was appended since; bounded by MAX_PENDING."""
@@ -545,6 +580,8 @@ class DurableBuffer:
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL in WAL mode: every commit fsyncs the WAL, so a committed window survives a power cut.
             conn.execute("PRAGMA synchronous=FULL")
+            # After a checkpoint the WAL file is cut back to 4 MiB: a burst does not keep its space forever.
+            conn.execute("PRAGMA journal_size_limit=4194304")
             check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
             if check != "ok":
                 raise _Corrupt(f"quick_check: {check}")
@@ -634,16 +671,22 @@ class DurableBuffer:
         self._reserve = value
 
 
+def _is_drop_report(record: Record) -> bool:
+    return record.kind == "status" and record.data.type == "records_dropped"
+
+
 class _Corrupt(sqlite3.DatabaseError):
     """The store fails its integrity check."""
 
 
-def _is_corrupt(exc: sqlite3.Error) -> bool:
+def _is_corrupt(exc: Exception) -> bool:
     """Damage to the file itself (SQLITE_CORRUPT, SQLITE_NOTADB), as opposed to locks or I/O errors."""
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(exc, _Corrupt) or (code is not None and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB))
 
 
-def _is_full(exc: sqlite3.Error) -> bool:
+def _is_full(exc: Exception) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
     code = getattr(exc, "sqlite_errorcode", None)
     return (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "disk is full" in str(exc)
