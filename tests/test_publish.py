@@ -108,10 +108,11 @@ def test_a_broker_refusing_the_client_gives_one_clear_line_and_the_device_keeps_
     caplog.set_level(logging.INFO, LOG)
     broker = MosquittoBroker(tmp_path, extra_conf="allow_anonymous false\n")
     broker.start()
-    device = Device(data_dir, broker.port).start()
+    device = Device(data_dir, broker.port, username="truck-1", password="s3cret-pass").start()
     try:
         device.drive(100)
         wait_until(lambda: "Not authorized" in caplog.text, 5, message="the refusal in the log")
+        assert "s3cret-pass" not in caplog.text, "secrets never appear in logs"
         time.sleep(1.0)
         lines = [r.getMessage() for r in caplog.records if "Not authorized" in r.getMessage()]
         assert lines == [f"broker 127.0.0.1:{broker.port} unavailable: the broker refused the connection: Not authorized;"
@@ -173,6 +174,37 @@ def test_live_data_goes_first_and_the_backlog_drains_behind_it_at_the_rate_cap(d
         assert all(r[1] == 1 for r in old) and all(r[1] == 0 for r in new), "the backend can tell backlog from live"
         assert max(r[2] for r in new) < max(r[2] for r in old), "live records did not wait for the backlog"
         assert [r[0] for r in rows] == list(range(1, total + 1))
+    finally:
+        device.stop()
+
+
+def test_an_hour_long_outage_arrives_after_the_broker_returns_live_first_then_the_backlog(data_dir, mosquitto, collector_sqlite):
+    """An hour of 1 Hz fixes (3,600 records, time compressed) is buffered while the broker is away."""
+    device = Device(data_dir, mosquitto.port, backlog_max_records_per_s=1000.0).start()
+    try:
+        device.drive(50, events_every=0)
+        wait_stored(collector_sqlite, 50)
+        mosquitto.stop()
+        for _ in range(36):
+            device.drive(100, events_every=600)
+            time.sleep(0.01)
+        outage_last = device.appended[-1].seq
+        mosquitto.start()
+        wait_until(lambda: device.link.stats()["connected"], 15, message="the device back on the broker")
+        for _ in range(10):
+            device.drive(10, events_every=0)
+            time.sleep(0.1)
+        wait_stored(collector_sqlite, len(device.appended), timeout=30)
+        wait_empty(device)
+        assert_exactly_once_in_order(collector_sqlite.db_path, device.appended)
+        import sqlite3
+
+        with sqlite3.connect(collector_sqlite.db_path) as conn:
+            rows = conn.execute("SELECT seq, kind, backlog, received_utc FROM records WHERE seq > 50").fetchall()
+        backlog = [r for r in rows if r[0] <= outage_last and r[1] == "fix"]
+        live = [r for r in rows if r[0] > outage_last]
+        assert len(backlog) == 3600 and all(r[2] == 1 for r in backlog) and all(r[2] == 0 for r in live)
+        assert max(r[3] for r in live) < max(r[3] for r in backlog), "live data did not wait for the hour of backlog"
     finally:
         device.stop()
 
