@@ -263,7 +263,7 @@ def test_commands_outside_the_allowlist_are_refused_and_logged(setup, caplog):
     with caplog.at_level(logging.WARNING, logger="agent.ops.remote"):
         response = ops.send("command", {"id": "evil", "command": "shell", "args": {"cmd": "rm -rf /"}})
     assert response["ok"] is False
-    assert response["error"] == "command 'shell' is not allowed (allowed: status, flush, set_log_level, restart)"
+    assert response["error"] == "command 'shell' is not allowed (allowed: status, flush, set_log_level, restart, update, renew_certificate)"
     assert any("remote command evil refused" in r.getMessage() for r in caplog.records)
     assert agent.restarts == 0 and agent.flushes == []
 
@@ -308,3 +308,44 @@ def test_a_change_applied_by_restarting_is_answered_by_the_next_start(tmp_path, 
     finally:
         ops.close()
         link.close()
+
+
+def test_with_the_agents_own_mqtt_link(tmp_path, mosquitto, data_dir):
+    """The same requests through agent.publish.mqtt_link.MqttLink (with its durable buffer) instead of paho."""
+    from agent.buffer.store import DurableBuffer
+    from agent.publish.mqtt_link import MqttLink
+
+    config_path = write_config(tmp_path, data_dir, mosquitto.port)
+    config = load_effective_config(config_path)
+    clock = SystemClock()
+    buffer = DurableBuffer(data_dir, config.buffer, clock)
+    buffer.open()
+    buffer.start()
+    link = MqttLink(config.mqtt, DEVICE, buffer, clock)
+    link_stop = threading.Event()
+    link_thread = threading.Thread(target=link.run, args=(link_stop,), daemon=True)
+    link_thread.start()
+    applied = []
+    manager = RemoteManager(
+        config_path, config, link, clock, apply=applied.append, link_up=lambda: link.stats()["connected"],
+        status=lambda: {"broker": link.stats()}, flush=lambda timeout: True, restart=lambda: None,
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=manager.run, args=(stop,), daemon=True)
+    thread.start()
+    ops = Ops(mosquitto.port)
+    try:
+        ops.wait_until_served()
+        response = ops.send("config", {"id": "m1", "settings": {"gps": {"baud": 115200}}})
+        assert response["ok"] is True and [c.gps.baud for c in applied] == [115200]
+        status = ops.send("command", {"id": "m2", "command": "status"})
+        assert status["result"]["broker"]["connected"] is True
+        refused = ops.send("command", {"id": "m3", "command": "reboot"})
+        assert refused["ok"] is False and "not allowed" in refused["error"]
+    finally:
+        stop.set()
+        thread.join(10)
+        link_stop.set()
+        link_thread.join(10)
+        buffer.close()
+        ops.close()
