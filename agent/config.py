@@ -69,6 +69,9 @@ class GpsConfig(_Section):
     silent_timeout_s: PositiveFloat = 5.0
     # Receiver dates before this are a GPS week-number rollover (1024 weeks) and are moved forward.
     rollover_floor: _dt.date = _dt.date(2025, 1, 1)
+    # The host clock more than this off GPS time is reported (a status record), and set when set_clock.
+    clock_margin_s: PositiveFloat = 2.0
+    set_clock: bool = False
     # source: gpsd
     gpsd_host: str = "127.0.0.1"
     gpsd_port: Port = 2947

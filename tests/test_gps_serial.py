@@ -13,7 +13,7 @@ import pytest
 
 from agent.config import GpsConfig
 from agent.decode.nmea import checksum
-from agent.record import Event, Fix, Record, iso_utc
+from agent.record import Event, Fix, Record, Status, iso_utc
 from agent.sources.gps_health import GpsHealth
 from agent.sources.gps_serial import GpsSerialSource
 from conftest import PtyGps, wait_until
@@ -200,7 +200,7 @@ def test_a_receiver_without_checksums(pty_gps, link, running):
     wait_until(lambda: len(lenient.fixes()) == 2, message="fixes without checksums")
 
 
-def test_a_clock_step_mid_run_does_not_move_gps_time(pty_gps, link, running):
+def test_a_clock_step_mid_run_does_not_move_gps_time_and_is_reported(pty_gps, link, running):
     clock = StepClock()
     clock.offset = -time.time()  # a Pi booted without RTC: 1970
     point(link, pty_gps)
@@ -208,11 +208,18 @@ def test_a_clock_step_mid_run_does_not_move_gps_time(pty_gps, link, running):
     wait_until(lambda: run.source.stats["port_open"], message="port open")
     pty_gps.write(epoch(0) + epoch(1))
     wait_until(lambda: len(run.fixes()) == 2, message="fixes before the step")
-    clock.offset = 3600.0  # the host clock is set (wrongly, an hour ahead)
+    assert run.source.stats["clock_ok"] is False
+    # The host clock is set (NTP, or the agent with gps.set_clock) to the receiver's time.
+    clock.offset = dt.datetime(2017, 1, 10, 12, 0, 2, tzinfo=dt.timezone.utc).timestamp() - time.time()
     pty_gps.write(epoch(2) + epoch(3))
     fixes = wait_until(lambda: len(run.fixes()) == 4 and run.fixes(), message="fixes after the step")
     assert [iso_utc(r.utc)[11:19] for r in fixes] == ["12:00:00", "12:00:01", "12:00:02", "12:00:03"]
     assert all(b.mono >= a.mono for a, b in zip(fixes, fixes[1:]))
+    statuses = wait_until(lambda: [r for r in run.records if isinstance(r.data, Status)][1:] and
+                          [r for r in run.records if isinstance(r.data, Status)], message="clock_ok")
+    assert [r.data.type for r in statuses] == ["clock_offset", "clock_ok"]
+    assert statuses[0].data.attrs["offset_s"] < -1e9 and statuses[0].utc == fixes[0].utc
+    assert run.source.stats["clock_ok"] is True and abs(run.source.stats["clock_offset_s"]) < 2.0
 
 
 def test_gga_only_receiver_is_dated_by_a_trusted_host_clock(pty_gps, link, running):

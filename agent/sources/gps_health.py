@@ -1,9 +1,18 @@
-"""Fix lost, fix regained, receiver silent: the GPS status events every GPS source emits."""
+"""What every GPS source does with what it decoded: fix records, the status events (fix lost, fix
+regained, receiver silent), the host-clock check, and the counters the status output reads."""
 
 from __future__ import annotations
 
+import logging
+
+from agent.clock import Clock
+from agent.config import GpsConfig
 from agent.decode.nmea import invalid_reason
+from agent.pipeline import Emit
 from agent.record import Event, Fix, Record
+from agent.sources.gps_clock import ClockCheck
+
+log = logging.getLogger(__name__)
 
 # A fix is lost when this many epochs in a row bring no valid fix (one bad epoch is noise).
 LOST_AFTER_EPOCHS = 2
@@ -89,3 +98,49 @@ class GpsHealth:
             return wall
         utc, fix_mono, _ = self.last_fix
         return utc + (mono - fix_mono)
+
+
+class GpsOutput:
+    """Turns a source's epochs into records and keeps ``stats`` (shared with the source's own keys).
+
+    ``label`` names the receiver in log lines (the port, or the gpsd server).
+    """
+
+    def __init__(self, config: GpsConfig, clock: Clock, stats: dict, label: str) -> None:
+        self.clock = clock
+        self.stats = stats
+        self.label = label
+        self.health = GpsHealth(config.silent_timeout_s)
+        self.clock_check = ClockCheck(config.clock_margin_s, config.set_clock)
+        stats.update({"state": "unknown", "fixes": 0, "last_fix_utc": None, "clock_offset_s": None, "clock_ok": None})
+
+    def data(self) -> None:
+        """Bytes or a report arrived from the receiver."""
+        self.health.data(self.clock.monotonic())
+
+    def fix(self, utc: float, fix: Fix, emit: Emit) -> None:
+        """An epoch with a fix."""
+        mono = self.clock.monotonic()
+        emit(Record(utc=utc, mono=mono, data=fix))
+        self.stats["fixes"] += 1
+        self.stats["last_fix_utc"] = utc
+        status = self.clock_check.check(utc, fix, self.clock.wall(), mono)
+        if status is not None:
+            emit(status)
+        self.stats["clock_offset_s"] = self.clock_check.offset_s
+        self.stats["clock_ok"] = self.clock_check.ok
+        self._event(self.health.epoch(utc, mono, fix), emit)
+
+    def no_fix(self, emit: Emit) -> None:
+        """An epoch without a usable fix (no position, no date)."""
+        self._event(self.health.epoch(None, self.clock.monotonic(), None), emit)
+
+    def tick(self, emit: Emit) -> None:
+        """Called regularly: reports silence."""
+        self._event(self.health.tick(self.clock.monotonic()), emit)
+
+    def _event(self, event: Event | None, emit: Emit) -> None:
+        self.stats["state"] = self.health.state
+        if event is not None:
+            log.info("gps: %s (%s)", event.type, self.label)
+            emit(self.health.record(event, self.clock.wall(), self.clock.monotonic()))

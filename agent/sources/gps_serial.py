@@ -6,8 +6,9 @@ tries again every ``gps.reopen_interval_s`` until it is back; it logs once more 
 that goes quiet for ``gps.epoch_timeout_s`` completes the epoch being assembled, so a receiver that
 sends only part of what the decoder could wait for still yields one fix per epoch.
 
-Besides fixes it emits ``Event`` records for the backend (see
-:class:`agent.sources.gps_health.GpsHealth`): ``gps_lost``, ``gps_regained`` and ``gps_silent``.
+Besides fixes it emits ``Event`` records for the backend (``gps_lost``, ``gps_regained``,
+``gps_silent``) and ``Status`` records about the host clock (``clock_offset``, ``clock_ok``): see
+:mod:`agent.sources.gps_health` and :mod:`agent.sources.gps_clock`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from agent.clock import Clock
 from agent.config import GpsConfig
 from agent.decode.nmea import NmeaDecoder
 from agent.pipeline import Emit
-from agent.record import Event, Fix, Record
-from agent.sources.gps_health import GpsHealth
+from agent.record import Fix
+from agent.sources.gps_health import GpsOutput
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,11 @@ class GpsSerialSource:
         self.clock = clock
         self._floor = floor_utc(config.rollover_floor)
         self.decoder = NmeaDecoder(allow_missing_checksum=config.allow_missing_checksum, rollover_floor_utc=self._floor)
-        self.health = GpsHealth(config.silent_timeout_s)
         self.stats: dict[str, object] = {
-            "port": config.port, "port_open": False, "state": "unknown", "fixes": 0, "last_fix_utc": None,
-            "bytes": 0, "reopen_count": 0, "open_failures": 0, "decoder": self.decoder.counters,
+            "port": config.port, "port_open": False, "bytes": 0, "reopen_count": 0, "open_failures": 0,
+            "decoder": self.decoder.counters,
         }
+        self.output = GpsOutput(config, clock, self.stats, config.port)
         self._epochs_seen = 0
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
@@ -67,7 +68,7 @@ class GpsSerialSource:
                     log.warning("gps: cannot open %s: %s; retrying every %.1f s", self.config.port, _reason(exc),
                                 self.config.reopen_interval_s)
                     failing = True
-                self._tick(emit)
+                self.output.tick(emit)
                 stop.wait(self.config.reopen_interval_s)
                 continue
             failing = False
@@ -90,7 +91,7 @@ class GpsSerialSource:
                     pass
             self._emit_all(self.decoder.flush(), emit)
             if not stop.is_set():
-                self._tick(emit)
+                self.output.tick(emit)
                 stop.wait(self.config.reopen_interval_s)
 
     def _read(self, port, emit: Emit, stop: threading.Event) -> None:
@@ -103,42 +104,27 @@ class GpsSerialSource:
             # Everything waiting in one read (a read per byte costs a core at high rates). Readable
             # with nothing waiting is a vanished device: pyserial's read raises SerialException.
             data = port.read(max(1, port.in_waiting)) if ready else b""
-            mono = self.clock.monotonic()
             if data:
                 quiet = False
                 self.stats["bytes"] = int(self.stats["bytes"]) + len(data)
-                self.health.data(mono)
+                self.output.data()
                 wall = self.clock.wall()
                 self.decoder.set_reference_utc(wall if wall >= self._floor else None)
                 self._emit_all(self.decoder.feed(data), emit)
             elif not quiet:
                 quiet = True  # a quiet line ends the epoch being assembled
                 self._emit_all(self.decoder.flush(), emit)
-            self._tick(emit)
+            self.output.tick(emit)
 
     def _emit_all(self, fixes: list[tuple[float, Fix]], emit: Emit) -> None:
-        mono = self.clock.monotonic()
         epochs = self.decoder.counters["epochs"]
         # Epochs that ended without a usable fix (no position, no date) count towards "lost".
         empty = epochs - self._epochs_seen - len(fixes)
         self._epochs_seen = epochs
         for _ in range(max(0, empty)):
-            self._health_event(self.health.epoch(None, mono, None), emit)
+            self.output.no_fix(emit)
         for utc, fix in fixes:
-            emit(Record(utc=utc, mono=mono, data=fix))
-            self.stats["fixes"] = int(self.stats["fixes"]) + 1
-            self.stats["last_fix_utc"] = utc
-            self._health_event(self.health.epoch(utc, mono, fix), emit)
-
-    def _tick(self, emit: Emit) -> None:
-        self._health_event(self.health.tick(self.clock.monotonic()), emit)
-
-    def _health_event(self, event: Event | None, emit: Emit) -> None:
-        self.stats["state"] = self.health.state
-        if event is None:
-            return
-        log.info("gps: %s (%s)", event.type, self.config.port)
-        emit(self.health.record(event, self.clock.wall(), self.clock.monotonic()))
+            self.output.fix(utc, fix, emit)
 
 
 def _reason(exc: BaseException) -> str:

@@ -22,8 +22,8 @@ import msgspec
 from agent.clock import Clock
 from agent.config import GpsConfig
 from agent.pipeline import Emit
-from agent.record import Event, Fix, Record, parse_iso_utc
-from agent.sources.gps_health import GpsHealth
+from agent.record import Fix, parse_iso_utc
+from agent.sources.gps_health import GpsOutput
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,12 @@ class GpsdSource:
     def __init__(self, config: GpsConfig, clock: Clock) -> None:
         self.config = config
         self.clock = clock
-        self.health = GpsHealth(config.silent_timeout_s)
         self.server = f"{config.gpsd_host}:{config.gpsd_port}"
         self.stats: dict[str, object] = {
-            "server": self.server, "connected": False, "state": "unknown", "fixes": 0, "last_fix_utc": None,
-            "reports": 0, "bad_reports": 0, "reconnect_count": 0, "connect_failures": 0,
+            "server": self.server, "connected": False, "reports": 0, "bad_reports": 0, "reconnect_count": 0,
+            "connect_failures": 0,
         }
+        self.output = GpsOutput(config, clock, self.stats, f"gpsd {self.server}")
         self._decoder = msgspec.json.Decoder()
         self._pending: tuple[str, dict] | None = None  # (time, latest TPV) of the epoch being assembled
         self._no_fix = False  # TPVs without a fix arrived since the last quiet spell
@@ -102,7 +102,7 @@ class GpsdSource:
                     log.warning("gps: cannot reach gpsd at %s: %s; retrying every %.1f s", self.server,
                                 exc.strerror or exc, self.config.reopen_interval_s)
                     failing = True
-                self._tick(emit)
+                self.output.tick(emit)
                 stop.wait(self.config.reopen_interval_s)
                 continue
             failing = False
@@ -127,7 +127,7 @@ class GpsdSource:
                 sock.close()
             self._end_epoch(emit)
             if not stop.is_set():
-                self._tick(emit)
+                self.output.tick(emit)
                 stop.wait(self.config.reopen_interval_s)
 
     def _read(self, sock: socket.socket, emit: Emit, stop: threading.Event) -> None:
@@ -138,11 +138,11 @@ class GpsdSource:
                 data = sock.recv(65536)
             except socket.timeout:
                 self._end_epoch(emit)  # gpsd is quiet: the epoch's reports are all in
-                self._tick(emit)
+                self.output.tick(emit)
                 continue
             if not data:
                 return
-            self.health.data(self.clock.monotonic())
+            self.output.data()
             buf += data
             *lines, buf = buf.split(b"\n")
             if len(buf) > MAX_LINE:
@@ -150,7 +150,7 @@ class GpsdSource:
                 self.stats["bad_reports"] = int(self.stats["bad_reports"]) + 1
             for line in lines:
                 self._report(line, emit)
-            self._tick(emit)
+            self.output.tick(emit)
 
     def _report(self, line: bytes, emit: Emit) -> None:
         line = line.strip()
@@ -181,23 +181,8 @@ class GpsdSource:
     def _end_epoch(self, emit: Emit) -> None:
         pending, self._pending = self._pending, None
         no_fix, self._no_fix = self._no_fix, False
-        mono = self.clock.monotonic()
         decoded = fix_from_tpv(pending[1], self._sky) if pending is not None else None
-        if decoded is None:
-            if no_fix:
-                self._event(self.health.epoch(None, mono, None), emit)
-            return
-        utc, fix = decoded
-        emit(Record(utc=utc, mono=mono, data=fix))
-        self.stats["fixes"] = int(self.stats["fixes"]) + 1
-        self.stats["last_fix_utc"] = utc
-        self._event(self.health.epoch(utc, mono, fix), emit)
-
-    def _tick(self, emit: Emit) -> None:
-        self._event(self.health.tick(self.clock.monotonic()), emit)
-
-    def _event(self, event: Event | None, emit: Emit) -> None:
-        self.stats["state"] = self.health.state
-        if event is not None:
-            log.info("gps: %s (gpsd %s)", event.type, self.server)
-            emit(self.health.record(event, self.clock.wall(), self.clock.monotonic()))
+        if decoded is not None:
+            self.output.fix(*decoded, emit)
+        elif no_fix:
+            self.output.no_fix(emit)
