@@ -1,0 +1,812 @@
+"""``telematics-sim run SCENARIO.yaml``: a drive through a real broker, agent and collector, with faults
+injected at given drive times, checked against expectations; exit status 0 only when all of them hold.
+
+The runner starts a private Mosquitto on a free port, the collector (in this process, on SQLite) and
+``telematics-agent run`` as its own process (under libfaketime when the scenario steps the clock),
+writes the NMEA capture into a pty behind a symlink (so an unplugged and replugged port keeps its
+name) and the CAN log into an emulated slcan adapter, and injects the faults on the drive's clock.
+
+"Nothing lost" is judged against what the agent was actually given: the runner feeds every byte it
+writes while the agent has the port open into its own :class:`NmeaDecoder`, one per stretch of
+reading (a reopened port starts afresh, as the agent does), so garbage, corrupted checksums and
+bytes sent while the agent was down or the port unplugged are accounted for exactly. The format is
+in docs/scenarios.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import glob
+import json
+import logging
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tty
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import msgspec
+import yaml
+
+from agent.config import ConfigError, parse_config
+from agent.decode.nmea import NmeaDecoder, invalid_reason
+from agent.record import iso_utc, parse_iso_utc
+
+log = logging.getLogger(__name__)
+
+DEVICE_ID = "bench-scenario"
+TOPIC_PREFIX = "bench"
+DAY_S = 86_400.0
+# Bytes written just before the agent stopped reading (a kill, an unplug) may not have been read.
+READ_GRACE_S = 0.5
+# The drive is over and delivered when the collector has stored nothing new for this long.
+SETTLE_S = 3.0
+# GPS receiver events follow the replay's start, end and the faults; they are judged only when named.
+GPS_HEALTH = frozenset(("gps_lost", "gps_regained", "gps_silent"))
+
+
+# ---- the scenario file ---------------------------------------------------------------------------
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Inputs(_Strict, kw_only=True):
+    """Capture files, relative to the scenario file."""
+
+    nmea: str
+    can: str | None = None
+    geofences: str | None = None
+    truth: str | None = None  # a ground-truth JSON of `telematics-sim generate`
+
+
+class AgentSpec(_Strict, kw_only=True):
+    """The agent's config: ``base`` (a YAML file) with ``config`` merged over it, key by key."""
+
+    base: str | None = None
+    config: dict[str, Any] = {}
+
+
+FaultKind = Literal["serial_unplug", "garbage", "checksum_errors", "can_adapter_loss", "broker_down", "agent_kill",
+                    "clock_step"]
+
+
+class Fault(_Strict, kw_only=True):
+    """One fault at drive second ``at``; ``for_s`` drive seconds long where it lasts."""
+
+    at: float
+    kind: FaultKind
+    for_s: float = 0.0
+    bytes: int = 256  # garbage
+    count: int = 5  # checksum_errors: this many sentences in a row
+    step_s: float = 0.0  # clock_step: the agent's wall clock jumps by this (negative: back)
+    seed: int = 9
+
+
+class Range(_Strict, kw_only=True):
+    min: int = 0
+    max: int | None = None
+
+
+class EventExpect(_Strict, kw_only=True):
+    """An event the agent must report once: at drive second ``at`` (or ISO ``time``) within ``tolerance_s``."""
+
+    type: str
+    at: float | None = None
+    time: str | None = None
+    tolerance_s: float = 1.0
+    geofence_id: str | None = None
+
+
+class Expect(_Strict, kw_only=True):
+    all_fixes: bool = True  # every valid fix of the bytes the agent read is stored
+    no_duplicates: bool = True
+    fixes: Range | None = None
+    signals: Range | None = None
+    signal_names: list[str] = []
+    events: list[EventExpect] = []
+    event_counts: dict[str, int] = {}
+    truth: bool = False  # every event of inputs.truth in its window, attributes within tolerance
+    no_unexpected_events: bool = False  # with truth: no event the truth does not name (GPS health aside)
+    agent_log: list[str] = []  # regular expressions the agent's log must match
+
+
+class Scenario(_Strict, kw_only=True):
+    name: str
+    description: str = ""
+    inputs: Inputs
+    agent: AgentSpec = msgspec.field(default_factory=AgentSpec)
+    speed: float = 20.0
+    baud: int = 115200
+    start_s: float = 0.0
+    end_s: float | None = None
+    faults: list[Fault] = []
+    expect: Expect = msgspec.field(default_factory=Expect)
+    timeout_s: float = 300.0
+
+
+class ScenarioError(Exception):
+    """The scenario cannot be run as written; the message names the file and the problem."""
+
+
+def load_scenario(path: str | Path) -> tuple[Scenario, Path]:
+    """The validated scenario and the directory its relative paths start from."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        scenario = msgspec.convert(raw, Scenario, strict=True)
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, msgspec.ValidationError) as exc:
+        raise ScenarioError(f"{path}: {exc}") from exc
+    base = path.resolve().parent
+    for name in ("nmea", "can", "geofences", "truth"):
+        value = getattr(scenario.inputs, name)
+        if value is not None and not (base / value).is_file():
+            raise ScenarioError(f"{path}: inputs.{name}: {base / value}: no such file")
+    if scenario.expect.truth and scenario.inputs.truth is None:
+        raise ScenarioError(f"{path}: expect.truth needs inputs.truth")
+    if scenario.speed <= 0:
+        raise ScenarioError(f"{path}: speed must be positive")
+    return scenario, base
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base`` key by key (mappings recursively, everything else replaced)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# ---- the parts -----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise ScenarioError(f"mosquitto did not listen on 127.0.0.1:{port} within {timeout:g} s")
+
+
+class Broker:
+    """A private ``mosquitto`` on a free port (no persistence), stopped and started again by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+        if exe is None:
+            raise ScenarioError("mosquitto is not installed: apt-get install mosquitto (or scripts/setup)")
+        self.exe = exe
+        self.port = _free_port()
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        self.log = workdir / "mosquitto.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=self.log.open("ab"),
+                                     stderr=subprocess.STDOUT)
+        _wait_port(self.port)
+
+    def stop(self) -> None:
+        _end(self.proc)
+        self.proc = None
+
+
+def _end(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def libfaketime() -> str | None:
+    """The libfaketime shared object (Debian package faketime), or None."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1"))
+    return found[0] if found else None
+
+
+class AgentProcess:
+    """``telematics-agent run`` as its own process; with ``faketime`` its wall clock can be stepped."""
+
+    def __init__(self, config: Path, log_path: Path, faketime_file: Path | None) -> None:
+        self.config, self.log_path, self.faketime_file = config, log_path, faketime_file
+        self.proc: subprocess.Popen | None = None
+        self.clock_offset_s = 0.0
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        if self.faketime_file is not None:
+            lib = libfaketime()
+            if lib is None:
+                raise ScenarioError("clock_step needs libfaketime: apt-get install faketime (or scripts/setup)")
+            self.faketime_file.write_text(f"{self.clock_offset_s:+.0f}\n")
+            # The offset is re-read from the file every second; the monotonic clock stays real, as in
+            # a real clock step (NTP, a GPS time set, an RTC-less Pi finding the time).
+            env.update(LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(self.faketime_file), FAKETIME_CACHE_DURATION="1",
+                       FAKETIME_DONT_FAKE_MONOTONIC="1")
+        exe = Path(sys.executable).parent / "telematics-agent"
+        self.proc = subprocess.Popen([str(exe), "run", "--config", str(self.config)], stdout=self.log_path.open("ab"),
+                                     stderr=subprocess.STDOUT, env=env)
+
+    def step_clock(self, seconds: float) -> None:
+        self.clock_offset_s += seconds
+        self.faketime_file.write_text(f"{self.clock_offset_s:+.0f}\n")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def port_opens(self) -> int:
+        """How often the agent processes of this run opened the GPS port (from the log)."""
+        return self.log_text().count(" open at ")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        _end(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        _end(self.proc)
+
+
+class SerialPort:
+    """The receiver's end of a pty behind a fixed symlink: unplugging closes it, plugging makes a new one."""
+
+    def __init__(self, link: Path) -> None:
+        self.link = link
+        self._master: int | None = None
+        self._slave: int | None = None
+
+    @property
+    def plugged(self) -> bool:
+        return self._master is not None
+
+    def plug(self) -> None:
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._slave)  # bytes pass unchanged
+        os.set_blocking(self._master, False)
+        if self.link.is_symlink():
+            self.link.unlink()
+        self.link.symlink_to(os.ttyname(self._slave))
+
+    def unplug(self) -> None:
+        if self.link.is_symlink():
+            self.link.unlink()
+        for fd in (self._master, self._slave):
+            if fd is not None:
+                os.close(fd)
+        self._master = self._slave = None
+
+    def write(self, data: bytes, wait_s: float = 0.2) -> bytes:
+        """Write what the pty takes within ``wait_s``; returns what was written (a full line is dropped,
+        as a UART drops what nobody reads)."""
+        done = 0
+        deadline = time.monotonic() + wait_s
+        while self._master is not None and done < len(data) and time.monotonic() < deadline:
+            _, writable, _ = select.select([], [self._master], [], 0.05)
+            if writable:
+                try:
+                    done += os.write(self._master, data[done:])
+                except (BlockingIOError, OSError):
+                    continue
+        return data[:done]
+
+
+class CanLine:
+    """The emulated slcan adapter behind a fixed symlink; losing it closes the pty, a new one comes back."""
+
+    def __init__(self, link: Path) -> None:
+        self.link = link
+        self.adapter = None
+
+    def plug(self) -> None:
+        from sim.slcan_adapter import SlcanAdapter
+
+        self.adapter = SlcanAdapter()
+        path = self.adapter.open_pty()
+        if self.link.is_symlink():
+            self.link.unlink()
+        self.link.symlink_to(path)
+
+    def unplug(self) -> None:
+        adapter, self.adapter = self.adapter, None
+        if self.link.is_symlink():
+            self.link.unlink()
+        if adapter is not None:
+            adapter.close()
+
+    def deliver(self, msg) -> bool:
+        adapter = self.adapter
+        return adapter.deliver(msg) if adapter is not None else False
+
+
+@dataclass
+class Stretch:
+    """The bytes one agent read in one stretch of an open port, decoded as the agent decodes them."""
+
+    decoder: NmeaDecoder
+    fixes: list[tuple[float, float]] = field(default_factory=list)  # (utc, wall time the agent had it)
+
+    def feed(self, data: bytes, wall: float, reference_utc: float) -> None:
+        self.decoder.set_reference_utc(reference_utc)
+        self.fixes += [(utc, wall) for utc, fix in self.decoder.feed(data) if invalid_reason(fix) is None]
+
+    def flush(self, wall: float) -> None:
+        self.fixes += [(utc, wall) for utc, fix in self.decoder.flush() if invalid_reason(fix) is None]
+
+
+@dataclass
+class Outcome:
+    """What a run produced: the records the collector stored and what the agent was given."""
+
+    records: list[dict]
+    expected_fixes: set[float]
+    may_lose: set[float]
+    day_shift_s: float
+    start_utc: float | None
+    agent_log: str
+    faults_done: list[str]
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs one scenario in ``workdir``; :meth:`run` returns the :class:`Outcome`."""
+
+    def __init__(self, scenario: Scenario, base: Path, workdir: Path, *, speed: float | None = None,
+                 echo: Callable[[str], None] = lambda line: None) -> None:
+        self.s = scenario
+        self.base = base
+        self.workdir = workdir
+        self.speed = speed or scenario.speed
+        self.echo = echo
+        self.today = _dt.datetime.now(_dt.timezone.utc).date()
+        self.truth = json.loads((base / scenario.inputs.truth).read_text()) if scenario.inputs.truth else None
+
+    def path(self, name: str | None) -> Path | None:
+        return None if name is None else (self.base / name).resolve()
+
+    def agent_config(self, broker_port: int, gps_link: Path, can_link: Path | None) -> dict:
+        """Runner defaults < the truth's edge settings < the base file < the scenario's config < wiring."""
+        config: dict = {
+            "device": {"id": DEVICE_ID},
+            "gps": {"reopen_interval_s": 0.5,
+                    # Replayed faster than real time, GPS time runs ahead of the wall clock: the fix
+                    # filter's plausibility window against it is opened up (a scenario may narrow it).
+                    "filter": {"max_future_s": 10 * DAY_S * 365, "max_age_s": 10 * DAY_S * 365}},
+            "mqtt": {"ack_timeout_s": 5, "reconnect_min_s": 0.5, "reconnect_max_s": 2},
+            "buffer": {"commit_window_s": 0.2},
+            "status": {"interval_s": 1},
+        }
+        if self.truth is not None:
+            config["edge"] = self.truth["edge_settings"]
+        if self.s.agent.base is not None:
+            base_file = self.path(self.s.agent.base)
+            try:
+                config = merge(config, yaml.safe_load(base_file.read_text()) or {})
+            except (OSError, yaml.YAMLError) as exc:
+                raise ScenarioError(f"agent.base: {base_file}: {exc}") from exc
+        config = merge(config, self.s.agent.config)
+        wiring: dict = {
+            "device": {"data_dir": str(self.workdir / "agent-data")},
+            "gps": {"port": str(gps_link), "baud": self.s.baud},
+            "mqtt": {"host": "127.0.0.1", "port": broker_port, "topic_prefix": TOPIC_PREFIX},
+        }
+        if self.s.inputs.geofences:
+            wiring["edge"] = {"geofences": {"file": str(self.path(self.s.inputs.geofences))}}
+        if can_link is not None:
+            bus = {"name": "can0", "interface": "slcan_buffered", "channel": str(can_link), "reopen_interval_s": 0.5}
+            wiring["can"] = {"buses": [merge(bus, (config.get("can") or {}).get("buses", [{}])[0])]}
+        return merge(config, wiring)
+
+    def run(self) -> Outcome:
+        from collector.service import Collector
+        from sim.capture import can_lead_s, load_candump
+        from sim.replay import CanReplay, DriveClock, NmeaReplay
+
+        s = self.s
+        nmea = NmeaReplay(self.path(s.inputs.nmea), speed=self.speed, keep_dates=False, today=self.today,
+                          start_s=s.start_s, end_s=s.end_s)
+        first_date = nmea.timeline.first_date
+        day_shift_s = (self.today - first_date).days * DAY_S if first_date else 0.0
+        gps = SerialPort(self.workdir / "gps0")
+        can_line = CanLine(self.workdir / "can0") if s.inputs.can else None
+        broker = Broker(self.workdir)
+        config_dict = self.agent_config(broker.port, gps.link, can_line.link if can_line else None)
+        config_path = self.workdir / "agent.yaml"
+        config_path.write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        try:
+            config = parse_config(config_path.read_text(), str(config_path))
+        except ConfigError as exc:
+            raise ScenarioError(f"the agent config the scenario makes is not valid: {exc}") from exc
+        faketime = self.workdir / "faketime" if any(f.kind == "clock_step" for f in s.faults) else None
+        agent = AgentProcess(config_path, self.workdir / "agent.log", faketime)
+        db = self.workdir / "collector.sqlite"
+        collector = Collector("127.0.0.1", broker.port, TOPIC_PREFIX, db)
+        stop = threading.Event()
+        can_thread = None
+        floor = _dt.datetime.combine(config.gps.rollover_floor, _dt.time(), _dt.timezone.utc).timestamp()
+        stretches: list[Stretch] = []
+        may_lose_windows: list[tuple[float, float]] = []
+        done: list[str] = []
+        try:
+            broker.start()
+            collector.start()
+            gps.plug()
+            if can_line is not None:
+                can_line.plug()
+            agent.start()
+            self._wait(lambda: agent.port_opens() >= 1 or not agent.alive(), 60, "the agent opening the GPS port")
+            if not agent.alive():
+                raise ScenarioError(f"the agent exited at start with status {agent.proc.returncode}:\n"
+                                    + _tail(agent.log_text()))
+            opens_wanted = 1
+            clock = DriveClock(self.speed)
+            if can_line is not None:
+                frames = load_candump(self.path(s.inputs.can))
+                can_replay = CanReplay(frames, can_line.deliver, lead_s=can_lead_s(nmea.timeline, frames),
+                                       start_s=nmea.start_s, end_s=nmea.end_s)
+                can_thread = threading.Thread(target=can_replay.run, args=(stop, clock), name="can-replay", daemon=True)
+                can_thread.start()
+            actions = self._actions()
+            corrupt_left = 0
+            stretch: Stretch | None = None
+            for offset, data in nmea.lines:
+                while actions and actions[0][0] <= offset:
+                    at, name, act = actions.pop(0)
+                    if not clock.wait_until(at, stop):
+                        break
+                    self.echo(f"  {at:7.1f} s  {name}")
+                    done.append(name)
+                    kind = act[0]
+                    if kind in ("agent_kill", "serial_unplug"):
+                        if stretch is not None:
+                            if kind == "serial_unplug":
+                                stretch.flush(time.time())  # the agent completes its epoch when the port goes
+                            stretch = None
+                        # A kill loses the commit window; both may lose what was written but not yet read.
+                        grace = READ_GRACE_S + (config.buffer.commit_window_s if kind == "agent_kill" else 0.0)
+                        may_lose_windows.append((time.time() - grace, time.time()))
+                        if kind == "agent_kill":
+                            agent.kill()
+                        else:
+                            gps.unplug()
+                    elif kind == "agent_start":
+                        agent.start()
+                        opens_wanted += 1
+                    elif kind == "serial_plug":
+                        gps.plug()
+                        opens_wanted += 1
+                    elif kind == "garbage":
+                        data = act[1] + data
+                    elif kind == "checksum_errors":
+                        corrupt_left += act[1]
+                    elif kind == "broker_down":
+                        broker.stop()
+                    elif kind == "broker_up":
+                        broker.start()
+                    elif kind == "can_loss":
+                        can_line.unplug()
+                    elif kind == "can_back":
+                        can_line.plug()
+                    elif kind == "clock_step":
+                        agent.step_clock(act[1])
+                if not clock.wait_until(offset, stop):
+                    break
+                if corrupt_left and data.lstrip(b"\x00").startswith((b"$", b"!")) and b"*" in data:
+                    data = corrupt_checksum(data)
+                    corrupt_left -= 1
+                ready = gps.plugged and agent.alive() and agent.port_opens() >= opens_wanted
+                if ready and stretch is None:
+                    stretch = Stretch(NmeaDecoder(config.gps.allow_missing_checksum, floor))
+                    stretches.append(stretch)
+                written = gps.write(data) if gps.plugged else b""
+                if ready and written:
+                    stretch.feed(written, time.time(), time.time() + agent.clock_offset_s)
+            for at, name, act in actions:  # faults that end after the drive: undo them now
+                self.echo(f"  {at:7.1f} s  {name} (after the drive)")
+                {"agent_start": agent.start, "serial_plug": gps.plug, "broker_up": broker.start,
+                 "can_back": can_line.plug if can_line else None}.get(act[0], lambda: None)()
+            if stretch is not None:
+                stretch.flush(time.time())  # the line goes quiet: the agent completes the last epoch
+            if can_thread is not None:
+                can_thread.join(max(1.0, (nmea.duration_s + 5) / self.speed))
+            self._settle(db, agent)
+            records = stored(db)
+            log_text = agent.log_text()
+        finally:
+            stop.set()
+            agent.stop()
+            collector.stop()
+            broker.stop()
+            gps.unplug()
+            if can_line is not None:
+                can_line.unplug()
+        expected = {round(utc, 3) for st in stretches for utc, _ in st.fixes}
+        may_lose = {round(utc, 3) for st in stretches for utc, wall in st.fixes
+                    if any(lo <= wall <= hi for lo, hi in may_lose_windows)}
+        start_utc = nmea.timeline.start_utc + day_shift_s + s.start_s if nmea.timeline.start_utc is not None else None
+        return Outcome(records, expected, may_lose, day_shift_s, start_utc, log_text, done)
+
+    def _actions(self) -> list[tuple[float, str, tuple]]:
+        """The faults as (drive second, description, action) in time order; lasting ones end with an undo."""
+        out: list[tuple[float, str, tuple]] = []
+        for f in self.s.faults:
+            at = f.at - self.s.start_s
+            lasting = {"agent_kill": "agent_start", "serial_unplug": "serial_plug", "broker_down": "broker_up",
+                       "can_adapter_loss": "can_back"}
+            if f.kind == "garbage":
+                junk = random.Random(f.seed).randbytes(f.bytes)
+                out.append((at, f"garbage: {f.bytes} random bytes", ("garbage", junk)))
+            elif f.kind == "checksum_errors":
+                out.append((at, f"checksum errors in {f.count} sentences", ("checksum_errors", f.count)))
+            elif f.kind == "clock_step":
+                out.append((at, f"the agent's clock steps {f.step_s:+g} s", ("clock_step", f.step_s)))
+            else:
+                first = "can_loss" if f.kind == "can_adapter_loss" else f.kind
+                out.append((at, f"{f.kind} for {f.for_s:g} s", (first,)))
+                out.append((at + f.for_s, f"{f.kind} ends", (lasting[f.kind],)))
+        return sorted(out, key=lambda a: a[0])
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise ScenarioError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(0.05)
+
+    def _settle(self, db: Path, agent: AgentProcess) -> None:
+        """Wait until the collector has stored nothing new for SETTLE_S (bounded by the scenario's timeout)."""
+        deadline = time.monotonic() + self.s.timeout_s
+        last, since = -1, time.monotonic()
+        while time.monotonic() - since < SETTLE_S and time.monotonic() < deadline:
+            count = len(stored(db))
+            if count != last:
+                last, since = count, time.monotonic()
+            time.sleep(0.2)
+
+
+def corrupt_checksum(line: bytes) -> bytes:
+    """The sentence with its checksum's last hex digit changed (NMEA 0183: XOR of the bytes between $ and *)."""
+    star = line.rindex(b"*")
+    digit = line[star + 2 : star + 3]
+    return line[: star + 2] + (b"0" if digit != b"0" else b"1") + line[star + 3 :]
+
+
+def stored(db: Path) -> list[dict]:
+    """What the collector stored for the scenario's device, in sequence order, flattened like ``process`` prints."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            rows = conn.execute("SELECT seq, kind, utc, data FROM records WHERE device = ? ORDER BY seq",
+                                (DEVICE_ID,)).fetchall()
+    except sqlite3.Error:
+        return []
+    out = []
+    for seq, kind, utc, data in rows:
+        payload = json.loads(data)
+        payload.update(payload.pop("attrs", None) or {})
+        out.append({**payload, "kind": kind, "seq": seq, "utc": utc, "time": iso_utc(utc)})
+    return out
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ---- judging -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """One expectation's verdict, with the differences a person reads."""
+
+    name: str
+    ok: bool
+    summary: str
+    details: list[str] = field(default_factory=list)
+
+
+def _t(utc: float) -> str:
+    return iso_utc(utc)
+
+
+def judge(s: Scenario, out: Outcome, truth: dict | None) -> list[Check]:
+    """Every expectation of ``s`` against ``out``."""
+    e = s.expect
+    checks: list[Check] = []
+    fixes = [r for r in out.records if r["kind"] == "fix"]
+    events = [r for r in out.records if r["kind"] == "event"]
+    signals = [r for r in out.records if r["kind"] == "signal"]
+    fix_times = [round(r["utc"], 3) for r in fixes]
+    if e.all_fixes:
+        got = set(fix_times)
+        missing = sorted(out.expected_fixes - got)
+        allowed = [t for t in missing if t in out.may_lose]
+        lost = [t for t in missing if t not in out.may_lose]
+        summary = (f"{len(out.expected_fixes)} valid fixes were read by the agent, {len(got)} stored, "
+                   f"{len(lost)} lost")
+        if allowed:
+            summary += f" ({len(allowed)} more within the commit window or read grace before a kill/unplug: allowed)"
+        checks.append(Check("all fixes", not lost, summary, [f"lost the fix of {_t(t)}" for t in lost[:20]]
+                            + ([f"... and {len(lost) - 20} more"] if len(lost) > 20 else [])))
+    if e.no_duplicates:
+        dups = _duplicates([(_t(t),) for t in fix_times])
+        dups += _duplicates([(r["type"], r["time"], r.get("geofence_id")) for r in events])
+        seqs = [r["seq"] for r in out.records]
+        checks.append(Check("no duplicates", not dups, f"{len(fixes)} fixes and {len(events)} events, "
+                            f"{len(dups)} stored twice; sequence numbers {_ranges(seqs)}",
+                            [f"stored {n} times: {' '.join(str(k) for k in key if k is not None)}" for key, n in dups]))
+    for name, records, want in (("fixes", fixes, e.fixes), ("signals", signals, e.signals)):
+        if want is not None:
+            ok = len(records) >= want.min and (want.max is None or len(records) <= want.max)
+            bounds = f"at least {want.min}" + (f" and at most {want.max}" if want.max is not None else "")
+            checks.append(Check(f"{name} count", ok, f"{len(records)} {name} stored, {bounds} wanted"))
+    if e.signal_names:
+        names = {r["name"] for r in signals}
+        missing_names = [n for n in e.signal_names if n not in names]
+        checks.append(Check("signal names", not missing_names, f"{len(names)} signal names stored",
+                            [f"no {n} signal stored (got: {', '.join(sorted(names)) or 'none'})" for n in missing_names]))
+    for type_, count in e.event_counts.items():
+        n = sum(1 for r in events if r["type"] == type_)
+        checks.append(Check(f"count of {type_}", n == count, f"{n} {type_} events stored, {count} wanted"))
+    if e.events:
+        wants = [(ev.type, _when(ev, out), ev.tolerance_s, ev.geofence_id, {}) for ev in e.events]
+        checks.append(_match_events("events", wants, events, None))
+    if e.truth and truth is not None:
+        has_can = s.inputs.can is not None
+        wants = []
+        for ev in truth["events"]:
+            if "can" in ev.get("needs", []) and not has_can:
+                continue
+            lo, hi = (parse_iso_utc(t) + out.day_shift_s for t in ev["window"])
+            tolerances = {k: (ev[k], tol) for k, tol in ev.get("tolerance", {}).items()}
+            wants.append((ev["type"], (lo + hi) / 2, (hi - lo) / 2 + 0.5, ev.get("geofence_id"), tolerances))
+        unexpected = None
+        if e.no_unexpected_events:
+            unexpected = set(truth.get("unchecked_types", [])) | GPS_HEALTH
+        checks.append(_match_events("ground truth", wants, events, unexpected))
+    if e.agent_log:
+        missing_patterns = [p for p in e.agent_log if not re.search(p, out.agent_log, re.M)]
+        checks.append(Check("agent log", not missing_patterns, f"{len(e.agent_log)} patterns wanted in the agent's log",
+                            [f"nothing in the agent's log matches /{p}/" for p in missing_patterns]))
+    return checks
+
+
+def _when(ev: EventExpect, out: Outcome) -> float:
+    if ev.time is not None:
+        return parse_iso_utc(ev.time) + out.day_shift_s
+    if ev.at is None or out.start_utc is None:
+        raise ScenarioError(f"expect.events: {ev.type} needs `time`, or `at` with a dated NMEA capture")
+    return out.start_utc + ev.at
+
+
+def _match_events(name: str, wants: list, events: list[dict], ignore_unexpected: set[str] | None) -> Check:
+    """Each wanted (type, utc, tolerance, fence, attribute tolerances) matched once, nearest first."""
+    left = list(events)
+    details: list[str] = []
+    for type_, utc, tol, fence, attrs in wants:
+        same = [r for r in left if r["type"] == type_ and (fence is None or r.get("geofence_id") == fence)]
+        hits = [r for r in same if abs(r["utc"] - utc) <= tol]
+        where = f" ({fence})" if fence else ""
+        if not hits:
+            nearest = min(same, key=lambda r: abs(r["utc"] - utc), default=None)
+            hint = (f"; nearest {type_} at {nearest['time']} ({nearest['utc'] - utc:+.1f} s)" if nearest
+                    else f"; no {type_}{where} at all")
+            details.append(f"missing {type_}{where} at {_t(utc)} ±{tol:.1f} s{hint}")
+            continue
+        hit = min(hits, key=lambda r: abs(r["utc"] - utc))
+        left.remove(hit)
+        for key, (value, tolerance) in attrs.items():
+            if hit.get(key) is None or abs(hit[key] - value) > tolerance:
+                details.append(f"{type_}{where} at {hit['time']}: {key} {hit.get(key)} is not {value} ±{tolerance}")
+    if ignore_unexpected is not None:
+        details += [f"unexpected {r['type']} at {r['time']}" + (f" ({r['geofence_id']})" if r.get("geofence_id") else "")
+                    for r in left if r["type"] not in ignore_unexpected]
+    return Check(name, not details, f"{len(wants)} events wanted, {len(events)} stored", details)
+
+
+def _duplicates(keys: list[tuple]) -> list[tuple[tuple, int]]:
+    counts: dict[tuple, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return [(key, n) for key, n in counts.items() if n > 1]
+
+
+def _ranges(seqs: list[int]) -> str:
+    """``1-340, 343-470`` for the sequence numbers stored (a gap is what never arrived or was never committed)."""
+    parts: list[list[int]] = []
+    for seq in sorted(set(seqs)):
+        if parts and seq == parts[-1][1] + 1:
+            parts[-1][1] = seq
+        else:
+            parts.append([seq, seq])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in parts) or "none"
+
+
+def render(s: Scenario, checks: list[Check], out: Outcome | None = None) -> str:
+    """The verdict as a person reads it."""
+    lines = [f"scenario {s.name}: {len(checks)} expectations"]
+    for c in checks:
+        lines.append(f"  {'ok  ' if c.ok else 'FAIL'}  {c.name}: {c.summary}")
+        lines += [f"          {d}" for d in c.details]
+    failed = sum(1 for c in checks if not c.ok)
+    lines.append(f"verdict: {'PASS' if not failed else 'FAIL'}"
+                 + (f" ({failed} of {len(checks)} expectations not met)" if failed else ""))
+    return "\n".join(lines)
+
+
+def run_scenario(path: str | Path, workdir: Path, *, speed: float | None = None,
+                 echo: Callable[[str], None] = lambda line: None) -> tuple[Scenario, list[Check], Outcome]:
+    """Load, run and judge one scenario file (the test suite's and the command's entry point)."""
+    scenario, base = load_scenario(path)
+    runner = Runner(scenario, base, workdir, speed=speed, echo=echo)
+    echo(f"scenario {scenario.name}: {scenario.description.strip()}" if scenario.description else
+         f"scenario {scenario.name}")
+    outcome = runner.run()
+    return scenario, judge(scenario, outcome, runner.truth), outcome
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scenario", type=Path, help="the scenario's YAML file (see docs/scenarios.md)")
+    parser.add_argument("--speed", type=float, default=None, help="replay N times faster than recorded "
+                        "(default: the scenario's speed)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the run's files here "
+                        "(agent config and log, collector database); default: a temporary directory, removed")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.cli_base import CommandError, setup_logging
+
+    setup_logging(args.log_level)
+    if args.speed is not None and args.speed <= 0:
+        raise CommandError("--speed must be positive")
+    keep = args.workdir is not None
+    workdir = args.workdir.resolve() if keep else Path(tempfile.mkdtemp(prefix="scenario-"))
+    if keep and workdir.is_dir() and any(workdir.iterdir()):
+        # Emptied only when it holds an earlier run: a stale database would mix two runs.
+        if not (workdir / "agent.yaml").exists():
+            raise CommandError(f"{workdir}: not empty and not an earlier scenario run; give another --workdir")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        scenario, checks, _ = run_scenario(args.scenario, workdir, speed=args.speed,
+                                           echo=lambda line: print(line, flush=True))
+    except ScenarioError as exc:
+        raise CommandError(str(exc)) from exc
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(render(scenario, checks))
+    return 0 if all(c.ok for c in checks) else 1
