@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from conftest import MosquittoBroker, free_port
 
+from agent.commands.provision import parse_broker
 from agent.config import load_config
 
 AGENT = str(Path(sys.executable).parent / "telematics-agent")
@@ -227,3 +230,12 @@ def test_a_bad_provisioning_file_stays_for_the_installer_to_fix(tmp_path):
     assert "unknown keys ['brokr']" in proc.stderr
     assert (boot / "telematics-provision.yaml").exists()
     assert not (tmp_path / "agent.yaml").exists()
+
+
+hostnames = st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,20}){0,3}", fullmatch=True)
+
+
+@given(host=hostnames, port=st.one_of(st.none(), st.integers(1, 65535)), tls=st.booleans())
+def test_broker_urls_round_trip(host, port, tls):
+    url = f"{'mqtts' if tls else 'mqtt'}://{host}" + (f":{port}" if port else "")
+    assert parse_broker(url) == (host, port or (8883 if tls else 1883), tls)

@@ -12,12 +12,21 @@ import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from conftest import free_port, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.clock import SystemClock
 from agent.config import load_config
-from agent.ops.remote import MAX_PENDING_STARTS, RemoteManager, RemoteStore, config_version, load_effective_config
+from agent.ops.remote import (
+    MAX_PENDING_STARTS,
+    RemoteManager,
+    RemoteStore,
+    config_version,
+    load_effective_config,
+    merge,
+)
 from agent.processors.geofence import GeofenceProcessor, GeofenceSet
 
 DEVICE = "truck-7"
@@ -349,3 +358,21 @@ def test_with_the_agents_own_mqtt_link(tmp_path, mosquitto, data_dir):
         link_thread.join(10)
         buffer.close()
         ops.close()
+
+
+keys = st.sampled_from(["gps", "mqtt", "port", "baud", "tls", "a"])
+trees = st.recursive(st.one_of(st.integers(), st.text(max_size=3), st.none()),
+                     lambda children: st.dictionaries(keys, children, max_size=4), max_leaves=12)
+configs = st.dictionaries(keys, trees, max_size=4)
+
+
+@given(base=configs, change=configs)
+def test_merge_properties(base, change):
+    merged = merge(base, change)
+    assert merge(base, {}) == base and merge({}, change) == change
+    assert merge(merged, change) == merged  # applying the same change twice changes nothing more
+    for key, value in change.items():
+        if not (isinstance(value, dict) and isinstance(base.get(key), dict)):
+            assert merged[key] == value
+    for key in set(base) - set(change):
+        assert merged[key] == base[key]

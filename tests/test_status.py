@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from conftest import wait_until
 
 from agent.clock import SystemClock
-from agent.ops.status import StatusBoard, read_power_flags
+from agent.ops.status import THROTTLE_BITS, StatusBoard, read_power_flags
 
 
 AGENT = str(Path(sys.executable).parent / "telematics-agent")
@@ -158,3 +160,15 @@ def test_power_flags_absent_off_a_pi(tmp_path):
     assert read_power_flags(tmp_path / "missing") is None
     (tmp_path / "garbage").write_text("not hex")
     assert read_power_flags(tmp_path / "garbage") is None
+
+
+@given(word=st.integers(min_value=0, max_value=2**32 - 1), upper=st.booleans(), newline=st.booleans())
+def test_power_flags_decode_every_word(tmp_path_factory, word, upper, newline):
+    path = tmp_path_factory.mktemp("sys") / "get_throttled"
+    text = f"{word:X}" if upper else f"{word:x}"
+    path.write_text(text + ("\n" if newline else ""))
+    flags = read_power_flags(path)
+    assert flags["get_throttled"] == f"0x{word:x}"
+    assert {name: flags[name] for name in THROTTLE_BITS.values()} == {
+        name: bool(word & (1 << bit)) for bit, name in THROTTLE_BITS.items()
+    }
