@@ -33,7 +33,7 @@ class Fix(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="fix"
     geoid_sep_m: float | None = None  # geoid height above the WGS84 ellipsoid (GGA / GNS)
     pdop: float | None = None
     vdop: float | None = None
-    sats_in_view: int | None = None  # distinct satellites in the GSV sentences of this epoch
+    sats_in_view: int | None = None  # satellites in view, all constellations (GSV)
     status: str | None = None  # RMC / GLL status: "A" valid, "V" receiver warning
     faa_mode: str | None = None  # NMEA 2.3+ mode indicator: A autonomous, D differential, E estimated, N not valid, ...
     lat_err_m: float | None = None  # 1-sigma latitude error (GST)

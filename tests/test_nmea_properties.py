@@ -116,3 +116,20 @@ def test_random_splits_of_real_captures(data):
         cuts.append(min(pos, len(stream)))
         i += 1
     assert in_pieces(stream, cuts) == whole(stream)
+
+
+SENTENCES = REAL.splitlines(keepends=True)
+junk = st.one_of(
+    st.integers(1, 300).map(lambda n: b"\x00" * n),
+    st.integers(1, 300).map(lambda n: b" " * n),
+    st.integers(1, 300).map(lambda n: b"$GPGGA," + b"9" * n),
+    st.binary(min_size=1, max_size=60),
+    st.sampled_from([b"\r", b"\n", b"\r\r\n", b"\x1b[2J", b"\xb5b\x01\x07$\r\n"]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(SENTENCES), junk), max_size=40), st.lists(st.integers(0, 4000), max_size=40))
+def test_sentences_among_junk_split_anywhere_decode_like_the_whole(parts, cuts):
+    data = b"".join(parts)
+    assert in_pieces(data, [c for c in cuts if c <= len(data)]) == whole(data)

@@ -44,11 +44,12 @@ DAY_MS = 24 * 3600 * 1000
 _EPOCH_ORDINAL = _dt.date(1970, 1, 1).toordinal()
 
 # A piece of a stream: a start character and everything up to the next start or line end.
-_PIECE = re.compile(rb"[$!][^$!\r\n]*")
-_DELIMITER = re.compile(rb"[$!\r\n]")
+# A NUL ends a piece like a line end (receivers pad with NULs; one inside a sentence breaks it).
+_PIECE = re.compile(rb"[$!][^$!\r\n\x00]*")
+_DELIMITER = re.compile(rb"[$!\r\n\x00]")
 _PRINTABLE = bytes(range(0x20, 0x7F))
 # A whole sentence: start, printable body without "*", "*hh", trailing blanks or NULs.
-_SENTENCE = re.compile(rb"[$!]([\x20-\x29\x2b-\x7e]*)\*([0-9A-Fa-f]{2})[ \t\x00]*\Z")
+_SENTENCE = re.compile(rb"[$!]([\x20-\x29\x2b-\x7e]*)\*([0-9A-Fa-f]{2})[ \t]*\Z")
 _HEX = {(a + b).encode(): int(a + b, 16) for a in "0123456789abcdefABCDEF" for b in "0123456789abcdefABCDEF"}
 # GGA quality digit for an FAA mode letter (NMEA 0183 4.10 mode indicator), for GNS-only epochs.
 _FAA_QUALITY = {"N": 0, "A": 1, "D": 2, "P": 3, "R": 4, "F": 5, "E": 6, "M": 7, "S": 8}
@@ -73,6 +74,11 @@ def checksum(body: bytes) -> int:
     value ^= value >> 16
     value ^= value >> 8
     return value & 0xFF
+
+
+def _overlong(piece: bytes) -> bool:
+    """Longer than a sentence can be, trailing blanks aside (bounded, so a stream cannot grow a piece)."""
+    return len(piece) > 2 * MAX_SENTENCE or len(piece.rstrip(b" \t")) > MAX_SENTENCE
 
 
 def _float(text: str) -> float | None:
@@ -252,7 +258,7 @@ class NmeaDecoder:
         for match in _PIECE.finditer(buf):
             if match.end() == end:  # not terminated yet: wait for more bytes
                 piece = match.group()
-                if len(piece) > MAX_SENTENCE:
+                if _overlong(piece):
                     self.counters["overlong"] += 1
                     self._skipping = True
                 else:
@@ -267,16 +273,10 @@ class NmeaDecoder:
         self._complete(out)
         return out
 
-    def feed_sentence(self, sentence: bytes) -> list[tuple[float, Fix]]:
-        """One complete sentence (without line ending); for callers that frame lines themselves."""
-        out: list[tuple[float, Fix]] = []
-        self._piece(sentence, out)
-        return out
-
     # ---- framing ------------------------------------------------------------------------------
 
     def _piece(self, piece: bytes, out: list) -> None:
-        if len(piece) > MAX_SENTENCE and len(piece.rstrip(b" \t\x00")) > MAX_SENTENCE:
+        if len(piece) > MAX_SENTENCE and _overlong(piece):
             self.counters["overlong"] += 1
             return
         match = _SENTENCE.match(piece)
@@ -286,7 +286,7 @@ class NmeaDecoder:
                 self.counters["bad_checksum"] += 1
                 return
         else:
-            body = piece.rstrip(b" \t\x00")[1:]
+            body = piece.rstrip(b" \t")[1:]
             if b"*" in body or body.translate(None, _PRINTABLE):
                 self.counters["garbage"] += 1  # a malformed checksum, control or binary bytes
                 return
@@ -426,7 +426,9 @@ class NmeaDecoder:
         epoch = self._epoch_for((talker, "GNS"), tod, out)
         modes = f[6]
         if modes:
-            epoch.faa_mode = "A" if "A" in modes[1:] and modes[0] == "N" else modes[0]
+            # One letter per constellation (GPS, GLONASS, Galileo, BeiDou, ...): the fix is as good
+            # as the first constellation that has one.
+            epoch.faa_mode = next((mode for mode in modes if mode != "N"), "N")
             if epoch.quality is None:
                 epoch.quality = _FAA_QUALITY.get(epoch.faa_mode)
         epoch.set_position(_position(f, 2, _RANK_GNS))
