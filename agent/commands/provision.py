@@ -15,7 +15,6 @@ read). Rewriting the config keeps its values but not its comments.
 from __future__ import annotations
 
 import argparse
-import grp
 import os
 import pwd
 import ssl
@@ -215,7 +214,7 @@ class Target:
 
 
 def _pem(data: bytes, what: str, kind: str) -> bytes:
-    if f"-----BEGIN ".encode() not in data or kind.encode() not in data:
+    if b"-----BEGIN " not in data or kind.encode() not in data:
         raise CommandError(f"the {what} is not a PEM {kind.lower()}")
     return data
 
