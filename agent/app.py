@@ -1,6 +1,7 @@
 """The composition root: the only module that knows every concrete class.
 
-It builds the durable buffer, the MQTT link, the sources and the processors from a :class:`Config`,
+It builds the durable buffer, the MQTT link, the sources, the processors and the operations side
+(status file, systemd notify and watchdog, LEDs, power, remote management) from a :class:`Config`,
 starts one thread per source plus the pipeline and publisher threads, and shuts them down in the
 order that loses nothing: sources first, then the pipeline drains into the buffer, the buffer
 commits, and the link closes last.
@@ -9,10 +10,12 @@ commits, and the link closes last.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import threading
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from agent import __version__
 from agent.clock import Clock, SystemClock
@@ -28,6 +31,9 @@ SOURCE_FACTORIES: dict[str, str] = {
     "gps:gpsd": "agent.sources.gpsd:GpsdSource",
 }
 
+# The pipeline loop turns at least every 0.1 s; a loop stuck this long is hung.
+PIPELINE_HUNG_S = 10.0
+
 
 class StartupError(Exception):
     """The agent cannot start with this configuration (e.g. the data directory is not writable)."""
@@ -39,20 +45,45 @@ def _load(path: str) -> Callable:
 
 
 class Agent:
-    """The running daemon: sources -> processors -> durable buffer -> MQTT link."""
+    """The running daemon: sources -> processors -> durable buffer -> MQTT link.
 
-    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+    ``config_path`` is the file the config came from (remote management writes its changes beside
+    it); ``restart`` is what the ``restart`` remote command calls (the run command ends the process
+    so systemd starts it again).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock | None = None,
+        *,
+        config_path: str | Path | None = None,
+        restart: Callable[[], None] | None = None,
+        pin_factory=None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
         self.clock = clock or SystemClock()
         self.data_dir = Path(config.device.data_dir)
+        self.pin_factory = pin_factory
+        self._restart = restart or (lambda: None)
         self.threads: list[threading.Thread] = []
         self._source_stop = threading.Event()
         self._pipeline_stop = threading.Event()
         self._link_stop = threading.Event()
+        self._ops_stop = threading.Event()
         self.buffer = None
         self.link = None
+        self.board = None
+        self.edge = None
+        self.fix_filter = None
+        self.remote = None
         self.pipeline: Pipeline | None = None
         self.sources: list[Source] = []
+        self._pinger = None
+        self._notifier = None
+
+    # -- building -----------------------------------------------------------------------------
 
     def build_sources(self) -> list[Source]:
         """The configured sources, constructed but not started (devices open in their run())."""
@@ -60,27 +91,58 @@ class Agent:
         if self.config.gps.enabled:
             factory = _load(SOURCE_FACTORIES[f"gps:{self.config.gps.source}"])
             sources.append(factory(self.config.gps, self.clock))
+        if self.config.can is not None:
+            from agent.sources.can_bus import CanSource
+
+            sources.extend(CanSource(self.config.can, self.clock, bus) for bus in self.config.can.buses)
         return sources
 
-    def build_processors(self) -> list[Processor]:
-        """The processors, in the order records pass through them."""
-        return []
+    def build_processors(self, fence_set=None) -> list[Processor]:
+        """The processors, in the order records pass through them: the fix filter first (a bad fix
+        must not reach the geofences), then the edge chain, whose last step thins positions."""
+        from agent.processors.edge import EdgeChain
+        from agent.processors.fix_filter import FixFilter
+        from agent.sources.gps_serial import floor_utc
+
+        floor = floor_utc(self.config.gps.rollover_floor)
+
+        def trusted_wall() -> float | None:
+            now = self.clock.wall()
+            return now if now >= floor else None  # a Pi without RTC boots in 1970 or at fake-hwclock's time
+
+        self.fix_filter = FixFilter(self.config.gps.filter, trusted_wall)
+        self.edge = EdgeChain(self.config.edge, self.data_dir, fence_set)
+        return [self.fix_filter, *self.edge.processors]
+
+    # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Open the buffer and start every thread."""
         from agent.buffer.store import DurableBuffer
+        from agent.ops.notify import Heartbeat, Notifier, WatchdogPinger, watchdog_interval
+        from agent.ops.status import StatusBoard
         from agent.publish.mqtt_link import MqttLink
 
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StartupError(f"cannot create the data directory {self.data_dir}: {exc.strerror}") from exc
+        self.board = StatusBoard(self.data_dir, self.clock, device_id=self.config.device.id,
+                                 interval_s=self.config.status.interval_s)
         self.buffer = DurableBuffer(self.data_dir, self.config.buffer, self.clock)
         self.buffer.open()
         self.buffer.start()
-        self.link = MqttLink(self.config.mqtt, self.config.device.id, self.buffer, self.clock)
-        self.pipeline = Pipeline(self.build_processors(), self.buffer)
+        config_version = self._config_version()
+        self.link = MqttLink(self.config.mqtt, self.config.device.id, self.buffer, self.clock,
+                             config_hash=config_version)
+        heartbeat = Heartbeat(PIPELINE_HUNG_S)
+        try:
+            processors = self.build_processors(self._remote_fences())
+        except ValueError as exc:  # GeofenceError and friends: a clear message, not a traceback
+            raise StartupError(str(exc)) from exc
+        self.pipeline = Pipeline(processors, self.buffer, on_turn=heartbeat.beat)
         self.sources = self.build_sources()
+        self._provide_status(config_version)
         log.info(
             "telematics-agent %s starting: device %s, data %s, broker %s:%d",
             __version__, self.config.device.id, self.data_dir, self.config.mqtt.host, self.config.mqtt.port,
@@ -89,6 +151,111 @@ class Agent:
         self._spawn("pipeline", self.pipeline.run, self._pipeline_stop)
         for source in self.sources:
             self._spawn(f"source-{source.name}", source.run, self.pipeline.emit, self._source_stop)
+        self._start_device_io()
+        self._start_remote()
+        self.board.start()
+        self._notifier = Notifier()
+        interval = watchdog_interval()
+        if interval:
+            self._pinger = WatchdogPinger(self._notifier, interval, heartbeat.healthy)
+            self._pinger.start()
+        self._notifier.ready(f"running: device {self.config.device.id}")
+
+    def _config_version(self) -> str:
+        from agent.ops.remote import config_version
+
+        return config_version(self.config)
+
+    def _remote_fences(self):
+        """A fence set received over MQTT earlier overrides the configured file."""
+        from agent.ops.remote import RemoteStore
+        from agent.processors.geofence import GeofenceSet
+
+        fences = RemoteStore(self.data_dir).fences
+        if fences is None:
+            return None
+        return GeofenceSet.from_geojson(json.dumps(fences["geojson"]))
+
+    def _provide_status(self, config_version: str) -> None:
+        board = self.board
+        board.update("config", version=config_version, path=str(self.config_path) if self.config_path else None)
+        board.provide("buffer", self.buffer.stats)
+        board.provide("broker", self.link.stats)
+        board.provide("counters", self._counters)
+        board.provide("geofences", lambda: {"version": self.edge.geofences.version,
+                                            "count": len(self.edge.geofences.set)})
+        for source in self.sources:
+            if source.name == "gps":
+                board.provide("gps", lambda s=source: _gps_status(s))
+            elif source.name.startswith("can:"):
+                board.provide("can", self._can_status)
+
+    def _counters(self) -> dict[str, Any]:
+        counters: dict[str, Any] = {"pipeline_dropped": self.pipeline.dropped}
+        counters.update({f"fix_rejected_{k}": v for k, v in self.fix_filter.counters.items() if k != "accepted" and v})
+        return counters
+
+    def _can_status(self) -> dict[str, Any]:
+        return {s.name.partition(":")[2]: s.stats() for s in self.sources if s.name.startswith("can:")}
+
+    def _start_device_io(self) -> None:
+        """Ignition, power hold and shutdown, LEDs: only what the config says is wired."""
+        gpio = self.config.gpio
+        power = None
+        if gpio.ignition_pin is not None:
+            from agent.ops.power import PowerManager
+            from agent.sources.ignition import IgnitionSource
+
+            ignition = IgnitionSource(gpio, self.clock, pin_factory=self.pin_factory)
+            power = PowerManager(self.config.power, self.clock, self.flush, pin_factory=self.pin_factory)
+            ignition.add_listener(power.on_ignition)
+            ignition.add_listener(lambda on: self.board.update("ignition", on=on, since_utc=self.clock.wall()))
+            self.board.provide("power_state", lambda: {"state": power.state})
+            self._spawn("source-ignition", ignition.run, self.pipeline.emit, self._source_stop)
+            self._spawn("power", power.run, self.pipeline.emit, self._ops_stop)
+        if any(pin is not None for pin in (gpio.led_gps_pin, gpio.led_link_pin, gpio.led_backlog_pin)):
+            from agent.ops.leds import StatusLeds
+
+            leds = StatusLeds(gpio, self.board, pin_factory=self.pin_factory)
+            self._spawn("leds", leds.run, self._ops_stop)
+
+    def _start_remote(self) -> None:
+        if not self.config.remote.enabled or self.config_path is None:
+            return
+        from agent.ops.remote import RemoteManager
+        from agent.processors.geofence import GeofenceSet
+
+        self.remote = RemoteManager(
+            self.config_path, self.config, self.link, self.clock,
+            apply=self._apply_config,
+            link_up=lambda: bool(self.link.stats().get("connected")),
+            status=lambda: self.board.snapshot(),
+            flush=self.flush,
+            restart=self._restart,
+            parse_fences=GeofenceSet.from_geojson,
+            replace_fences=self._replace_fences,
+        )
+        self.remote.start_listening()
+        self._spawn("remote", self.remote.run, self._ops_stop)
+
+    def _apply_config(self, config: Config) -> None:
+        """A validated remote change takes effect by a restart of the agent with the merged config
+        (every stage is rebuilt from it; the buffer on disk carries over)."""
+        log.info("remote config %s accepted: restarting to apply it", self._config_version())
+        self._restart()
+
+    def _replace_fences(self, fence_set, version: str | None) -> None:
+        self.edge.geofences.replace(fence_set, version)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Commit what is pending and wait until the collector confirmed everything; True if it did."""
+        self.buffer.flush()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.buffer.stats().get("depth", 0) == 0:
+                return True
+            time.sleep(0.1)
+        return False
 
     def _spawn(self, name: str, target: Callable, *args) -> None:
         thread = threading.Thread(target=self._guard, args=(name, target, *args), name=name, daemon=True)
@@ -104,6 +271,9 @@ class Agent:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop in the order that loses nothing: sources, pipeline, buffer commit, link."""
+        if self._notifier is not None:
+            self._notifier.stopping()
+        self._ops_stop.set()
         self._source_stop.set()
         self._join(lambda t: t.name.startswith("source-"), timeout)
         self._pipeline_stop.set()
@@ -112,21 +282,33 @@ class Agent:
             self.buffer.flush()
         self._link_stop.set()
         self._join(lambda t: t.name == "link", timeout)
+        self._join(lambda t: True, timeout)
+        if self._pinger is not None:
+            self._pinger.close()
+        if self.board is not None:
+            self.board.close()
         if self.buffer is not None:
             self.buffer.close()
         log.info("telematics-agent stopped")
 
     def _join(self, which: Callable[[threading.Thread], bool], timeout: float) -> None:
         for thread in self.threads:
-            if which(thread):
+            if which(thread) and thread.is_alive():
                 thread.join(timeout)
                 if thread.is_alive():
                     log.warning("thread %s did not stop within %.0f s", thread.name, timeout)
 
     def run_until(self, stop: threading.Event) -> None:
         """Start, wait for ``stop``, then shut down cleanly."""
-        self.start()
         try:
+            self.start()
             stop.wait()
         finally:
             self.stop()
+
+
+def _gps_status(source) -> dict[str, Any]:
+    stats = dict(source.stats)
+    stats.pop("decoder", None)
+    stats["fix"] = stats.get("state") not in ("lost", "silent", "unknown", None)
+    return stats

@@ -44,9 +44,17 @@ class RecordSink(Protocol):
 class Pipeline:
     """Bounded hand-off from source threads to processors and the buffer, drained in batches."""
 
-    def __init__(self, processors: list[Processor], sink: RecordSink, queue_size: int = 4096) -> None:
+    def __init__(
+        self,
+        processors: list[Processor],
+        sink: RecordSink,
+        queue_size: int = 4096,
+        on_turn: Callable[[], None] | None = None,
+    ) -> None:
         self._processors = processors
         self._sink = sink
+        # Called every turn of the loop (at least every 0.1 s): the watchdog's proof of life.
+        self._on_turn = on_turn or (lambda: None)
         self._queue: queue.Queue[Record] = queue.Queue(maxsize=queue_size)
         self.dropped = 0
 
@@ -61,6 +69,7 @@ class Pipeline:
     def run(self, stop: threading.Event) -> None:
         """Drain the queue in batches until ``stop`` is set and the queue is empty."""
         while not (stop.is_set() and self._queue.empty()):
+            self._on_turn()
             try:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:

@@ -22,6 +22,7 @@ from pathlib import Path
 from agent.cli_base import CommandError
 
 BUNDLED_DRIVE = Path(__file__).resolve().parent / "drives" / "delivery_route.nmea"
+BUNDLED_FENCES = BUNDLED_DRIVE.with_suffix(".geojson")
 DEMO_BAUD = 115200
 
 
@@ -109,8 +110,11 @@ def _agent_config(workdir: Path, pty_path: str, host: str, port: int) -> Path:
         "device:\n  id: demo-truck-01\n"
         f"  data_dir: {workdir / 'agent-data'}\n"
         f"gps:\n  port: {pty_path}\n  baud: {DEMO_BAUD}\n"
+        # The replay moves the drive to today but keeps its time of day: not "too old" for the demo.
+        "  filter: {max_age_s: 86400, max_future_s: 86400}\n"
         f"mqtt:\n  host: {host}\n  port: {port}\n  topic_prefix: demo\n"
         "buffer:\n  commit_window_s: 0.5\n"
+        f"edge:\n  geofences:\n    file: {BUNDLED_FENCES}\n"
     )
     return path
 

@@ -83,7 +83,8 @@ def drive_rig(tmp_path, mosquitto, collector_sqlite):
     config = tmp_path / "agent.yaml"
     config.write_text(
         f"device: {{id: e2e-truck, data_dir: {tmp_path / 'agent-data'}}}\n"
-        f"gps: {{port: {pty_path}, baud: {BAUD}}}\n"
+        # The drive keeps its recorded dates: the edge filter must not call its fixes too old.
+        f"gps: {{port: {pty_path}, baud: {BAUD}, filter: {{max_age_s: 10000000000.0}}}}\n"
         f"mqtt: {{host: 127.0.0.1, port: {mosquitto.port}, topic_prefix: telematics, ack_timeout_s: 5,"
         f" reconnect_min_s: 0.2, reconnect_max_s: 1}}\n"
         f"buffer: {{commit_window_s: {COMMIT_WINDOW_S}}}\n"
