@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.clock import SystemClock
 from agent.config import load_config
 from agent.ops.remote import (
+    COMMANDS,
     MAX_PENDING_STARTS,
     RemoteManager,
     RemoteStore,
@@ -272,7 +273,8 @@ def test_commands_outside_the_allowlist_are_refused_and_logged(setup, caplog):
     with caplog.at_level(logging.WARNING, logger="agent.ops.remote"):
         response = ops.send("command", {"id": "evil", "command": "shell", "args": {"cmd": "rm -rf /"}})
     assert response["ok"] is False
-    assert response["error"] == "command 'shell' is not allowed (allowed: status, flush, set_log_level, restart, update, renew_certificate)"
+    assert response["error"] == f"command 'shell' is not allowed (allowed: {', '.join(COMMANDS)})"
+    assert {"status", "flush", "set_log_level", "restart"} <= set(COMMANDS) and "shell" not in COMMANDS
     assert any("remote command evil refused" in r.getMessage() for r in caplog.records)
     assert agent.restarts == 0 and agent.flushes == []
 
