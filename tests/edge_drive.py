@@ -67,6 +67,15 @@ class Drive:
             self.fix(self.lat, self.lon, v)
         return self
 
+    def turn(self, course: float, speed: float) -> "Drive":
+        """One second turning to ``course`` at ``speed``: the truck moves along the mean heading."""
+        mean = self.course + ((course - self.course + 180) % 360 - 180) / 2
+        rad = math.radians(mean)
+        self.lat, self.lon = offset(self.lat, self.lon, speed * math.cos(rad), speed * math.sin(rad))
+        self.course = course % 360
+        self.fix(self.lat, self.lon, speed)
+        return self
+
     def stay(self, seconds: int, noise_m: float = 0.0, rng: random.Random | None = None,
              signals: dict[str, float] | None = None) -> "Drive":
         """Stand still for ``seconds`` (a fix a second, scattered by up to ``noise_m``), with CAN signals."""

@@ -230,8 +230,7 @@ def test_sharp_turn_is_harsh_cornering():
     d.go(300, 0, 15)
     # 90 degrees in 3 s at 15 m/s: 15 * (pi/2) / 3 = 7.9 m/s^2.
     for course in (30.0, 60.0, 90.0):
-        d.course = course
-        d.speed_profile([15.0])
+        d.turn(course, 15.0)
     d.go(0, 300, 15)
     got = [(t, a) for t, a in events(run(chain(collection()).processors, d.records)) if t.startswith("harsh")]
     assert [t for t, _ in got] == ["harsh_corner"]
@@ -302,3 +301,26 @@ def test_low_fuel_once_per_episode_and_maintenance_due_once():
     got = events(run(chain(collection(), **config).processors, d.records))
     assert [(t, a.get("fuel_pct", a.get("basis"))) for t, a in got] == [
         ("low_fuel", 14.8), ("low_fuel", 12.0), ("maintenance_due", "engine_h"), ("maintenance_due", "km")]
+
+
+@pytest.mark.parametrize("glitch", [{"speed_mps": 28.0}, {"speed_mps": 14.0, "course_deg": 25.0}])
+def test_a_doppler_spike_that_does_not_move_the_truck_is_not_harsh_driving(glitch):
+    import msgspec
+
+    d = Drive(*DEPOT)
+    d.go(1200, 0, 20)
+    k = 30
+    d.records[k] = Record(utc=d.records[k].utc, mono=d.records[k].mono,
+                          data=msgspec.structs.replace(d.records[k].data, **glitch))
+    assert [t for t, _ in events(run(chain(collection()).processors, d.records)) if t.startswith("harsh")] == []
+
+
+def test_fixes_from_few_satellites_are_not_used_for_harsh_driving():
+    import msgspec
+
+    d = Drive(*DEPOT)
+    d.go(400, 0, 20)
+    d.speed_profile([15.0, 10.0, 5.0, 0.0]).stay(10)  # 5 m/s^2 braking...
+    weak = [Record(utc=r.utc, mono=r.mono, data=msgspec.structs.replace(r.data, sats_used=4, hdop=3.5)) for r in d.records]
+    assert [t for t, _ in events(run(chain(collection()).processors, weak)) if t.startswith("harsh")] == []
+    assert [t for t, _ in events(run(chain(collection()).processors, d.records)) if t.startswith("harsh")] == ["harsh_brake"]

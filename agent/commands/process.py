@@ -70,7 +70,7 @@ def _fixes(path: str, gps) -> Iterator[Record]:
     ``gps.silent_timeout_s`` shows as ``gps_silent`` and then ``gps_regained``.
     """
     from agent.decode.nmea import decode_file
-    from agent.sources.gps_serial import GpsHealth
+    from agent.sources.gps_health import GpsHealth
 
     health = GpsHealth(gps.silent_timeout_s)
     last: float | None = None

@@ -2,24 +2,30 @@
 
 Longitudinal acceleration is the change of speed over at least one second (CAN wheel speed while
 it is fresh, else GPS Doppler speed); lateral acceleration is speed times the rate of change of
-the GPS course. Both are checked only above ``min_speed_kmh`` (course and Doppler speed are noise
-when crawling). One event per manoeuvre: it starts when the threshold is crossed and is emitted
-when the acceleration falls back below it, stamped at its start, with ``peak_mps2`` and
-``duration_s``.
+the GPS course. A GPS sample counts only when its velocity agrees with where the fixes before and
+after it are (a Doppler spike does not move the truck), which delays the checks by one fix. Harsh braking is checked when the speed before was
+above ``min_speed_kmh``, harsh acceleration and cornering when the speed was above it at both
+ends (receivers pin position and speed near standstill and release them in one step, which reads
+as a launch). GPS samples count only from fixes of at least 6 satellites and HDOP at most 2.5, and
+accelerations beyond 10 m/s^2 are GPS errors. One event per manoeuvre: it starts when the threshold
+is crossed and is emitted when the acceleration falls back below it, stamped at its start, with
+``peak_mps2`` and ``duration_s``.
 
-Overspeed compares the speed with the lowest of the global limit and the speed-zone fences
-containing the last fix (``speed_limit_at(lat, lon)`` of the geofence processor). An episode ends once the speed stayed
-at or below the limit for ``overspeed_end_s``; episodes of at least ``overspeed_min_s`` give one
-``overspeed`` event with ``peak_kmh``, ``duration_s``, ``limit_kmh`` and the zone's ``geofence_id``.
+Overspeed compares the (unfiltered) speed with the lowest of the global limit and the speed-zone
+fences containing the last fix (``speed_limit_at(lat, lon)`` of the geofence processor). An episode
+ends once the speed stayed at or below the limit for ``overspeed_end_s``; episodes of at least
+``overspeed_min_s`` give one ``overspeed`` event with ``peak_kmh``, ``duration_s``, ``limit_kmh``
+and the zone's ``geofence_id``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections import deque
+from typing import Callable, NamedTuple
 
 from agent.config import DrivingConfig
-from agent.geo import heading_change_deg
+from agent.geo import LocalFrame, heading_change_deg
 from agent.processors.vehicle import WHEEL_SPEED_KMH, signal_value
 from agent.record import Event, Fix, Record
 
@@ -32,8 +38,56 @@ MIN_DERIVATIVE_S = 1.0
 # this are not a turn rate (s).
 WHEEL_SPEED_FRESH_S = 2.0
 MAX_COURSE_GAP_S = 2.0
+# GPS fixes from fewer satellites or a worse geometry are not used for harsh driving: their Doppler
+# speed and course jump by metres per second from one fix to the next (measured on the Munich
+# drive of the corpus: 5 m/s drops and back within 2 s at 4-5 satellites, HDOP 2.2-6).
+MIN_SATS_FOR_HARSH = 6
+MAX_HDOP_FOR_HARSH = 2.5
+# A GPS sample whose velocity, integrated from the fix before to the fix after it, misses the
+# measured displacement by more than this (metres, or this share of it) is a Doppler error.
+VELOCITY_MISMATCH_M = 5.0
+VELOCITY_MISMATCH_SHARE = 0.2
+# Tyre-road friction limits a road vehicle to about mu * g with mu <= 1 on dry asphalt: more than
+# this (m/s^2) is a GPS error, not driving.
+MAX_PLAUSIBLE_MPS2 = 10.0
 
 SpeedLimit = Callable[[float, float], "tuple[float, str] | None"]
+
+
+class Sample(NamedTuple):
+    """One (filtered) speed sample: when, where, m/s, course (GPS only), and whether to trust it."""
+
+    utc: float
+    lat: float | None
+    lon: float | None
+    speed: float
+    course: float | None = None
+    trusted: bool = True
+
+
+def _trusted(fix: Fix) -> bool:
+    """Whether the fix's Doppler speed and course are good enough for harsh driving (unknown: yes)."""
+    return ((fix.sats_used is None or fix.sats_used >= MIN_SATS_FOR_HARSH)
+            and (fix.hdop is None or fix.hdop <= MAX_HDOP_FOR_HARSH))
+
+
+def _checked(a: Sample, b: Sample, c: Sample) -> Sample:
+    """``b``, no longer trusted when its velocity disagrees with the displacement from ``a`` to ``c``."""
+    if not b.trusted or None in (a.lat, c.lat, a.course, b.course, c.course):
+        return b
+    frame = LocalFrame(a.lat, a.lon)
+    x, y = frame.to_xy(c.lat, c.lon)
+    # Trapezoid rule over the two intervals: a -> b -> c.
+    ex = ey = 0.0
+    for (p, q) in ((a, b), (b, c)):
+        dt = q.utc - p.utc
+        for v in (p, q):
+            ex += v.speed * math.sin(math.radians(v.course)) * dt / 2
+            ey += v.speed * math.cos(math.radians(v.course)) * dt / 2
+    miss = math.hypot(ex - x, ey - y)
+    if miss > max(VELOCITY_MISMATCH_M, VELOCITY_MISMATCH_SHARE * math.hypot(x, y)):
+        return b._replace(trusted=False)
+    return b
 
 
 class _Episode:
@@ -41,8 +95,8 @@ class _Episode:
 
     __slots__ = ("utc", "lat", "lon", "peak", "last", "limit", "fence")
 
-    def __init__(self, utc: float, lat: float | None, lon: float | None, value: float) -> None:
-        self.utc, self.lat, self.lon, self.peak, self.last = utc, lat, lon, value, utc
+    def __init__(self, sample: Sample, value: float) -> None:
+        self.utc, self.lat, self.lon, self.peak, self.last = sample.utc, sample.lat, sample.lon, value, sample.utc
         self.limit: float | None = None  # overspeed only: the limit and the zone that set it
         self.fence: str | None = None
 
@@ -60,87 +114,105 @@ class DrivingMonitor:
         }
         self._speed_limit = speed_limit
         self._episodes: dict[str, _Episode] = {}
-        self._ref: tuple[float, float] | None = None  # (utc, m/s) the last acceleration was measured from
+        self._gps: deque[Sample] = deque(maxlen=3)
+        self._ref: Sample | None = None  # the filtered sample the last acceleration was measured from
+        self._last_course: Sample | None = None
         self._wheel_at: float | None = None
-        self._last_fix: tuple[float, Fix] | None = None
         self._pos: tuple[float | None, float | None] = (None, None)
 
     def process(self, record: Record) -> list[Record]:
         utc = record.utc
+        mono = record.mono
         events: list[Record] = []
         wheel = signal_value(record, WHEEL_SPEED_KMH)
         if wheel is not None:
             self._wheel_at = utc
-            events += self._on_speed(record, wheel / 3.6)
+            sample = Sample(utc, *self._pos, wheel / 3.6)
+            events += self._overspeed(sample, mono)
+            events += self._longitudinal(sample, mono)
         fix = record.data
         if isinstance(fix, Fix):
             self._pos = (fix.lat, fix.lon)
-            wheel_fresh = self._wheel_at is not None and utc - self._wheel_at <= WHEEL_SPEED_FRESH_S
-            if fix.speed_mps is not None and not wheel_fresh:
-                events += self._on_speed(record, fix.speed_mps)
-            events += self._on_course(record, fix)
+            if fix.speed_mps is not None:
+                sample = Sample(utc, fix.lat, fix.lon, fix.speed_mps, fix.course_deg, _trusted(fix))
+                wheel_fresh = self._wheel_at is not None and utc - self._wheel_at <= WHEEL_SPEED_FRESH_S
+                if not wheel_fresh:
+                    events += self._overspeed(sample, mono)
+                events += self._gps_sample(sample, mono, speed=not wheel_fresh)
         return [*events, record]
 
-    def _on_speed(self, record: Record, speed: float) -> list[Record]:
-        utc = record.utc
-        events = self._overspeed(record, speed * 3.6)
-        if self._ref is None or utc < self._ref[0]:
-            self._ref = (utc, speed)
-            return events
-        t0, v0 = self._ref
-        if utc - t0 < MIN_DERIVATIVE_S:
-            return events
-        self._ref = (utc, speed)
-        if max(v0, speed) * 3.6 < self.config.min_speed_kmh:
+    def _gps_sample(self, sample: Sample, mono: float, speed: bool) -> list[Record]:
+        """Check the previous GPS sample, now that the one after it is known."""
+        window = self._gps
+        if window and sample.utc <= window[-1].utc:
+            window.clear()  # time went backwards: start again
+        window.append(sample)
+        if len(window) < 3:
+            return []
+        middle = _checked(*window)
+        events = self._longitudinal(middle, mono) if speed else []
+        return events + self._lateral(middle, mono)
+
+    def _longitudinal(self, sample: Sample, mono: float) -> list[Record]:
+        if not sample.trusted:
+            self._ref = None  # no acceleration across a doubtful speed
+            return []
+        if self._ref is None or sample.utc < self._ref.utc:
+            self._ref = sample
+            return []
+        ref = self._ref
+        if sample.utc - ref.utc < MIN_DERIVATIVE_S:
+            return []
+        self._ref = sample
+        accel = (sample.speed - ref.speed) / (sample.utc - ref.utc)
+        if abs(accel) > MAX_PLAUSIBLE_MPS2:
             accel = 0.0
-        else:
-            accel = (speed - v0) / (utc - t0)
-        events += self._check(record, "harsh_accel", accel)
-        events += self._check(record, "harsh_brake", -accel)
-        return events
+        floor = self.config.min_speed_kmh / 3.6
+        speeding_up = accel if min(ref.speed, sample.speed) >= floor else 0.0
+        braking = -accel if ref.speed >= floor else 0.0
+        return self._check(sample, mono, "harsh_accel", speeding_up) + self._check(sample, mono, "harsh_brake", braking)
 
-    def _on_course(self, record: Record, fix: Fix) -> list[Record]:
-        utc = record.utc
-        previous, self._last_fix = self._last_fix, (utc, fix)
-        if previous is None or fix.course_deg is None or fix.speed_mps is None:
+    def _lateral(self, sample: Sample, mono: float) -> list[Record]:
+        previous = self._last_course
+        self._last_course = sample if sample.trusted and sample.course is not None else None
+        if previous is None or self._last_course is None:
             return []
-        t0, prev = previous
-        dt = utc - t0
-        if prev.course_deg is None or prev.speed_mps is None or not 0 < dt <= MAX_COURSE_GAP_S:
+        dt = sample.utc - previous.utc
+        if not 0 < dt <= MAX_COURSE_GAP_S:
             return []
-        speed = (fix.speed_mps + prev.speed_mps) / 2
-        if min(fix.speed_mps, prev.speed_mps) * 3.6 < self.config.min_speed_kmh:
+        # a_lat = v * omega, the turn rate in rad/s.
+        omega = math.radians(abs(heading_change_deg(previous.course, sample.course))) / dt
+        lateral = (sample.speed + previous.speed) / 2 * omega
+        if min(sample.speed, previous.speed) * 3.6 < self.config.min_speed_kmh or lateral > MAX_PLAUSIBLE_MPS2:
             lateral = 0.0
-        else:
-            # a_lat = v * omega, the turn rate in rad/s.
-            lateral = speed * math.radians(abs(heading_change_deg(prev.course_deg, fix.course_deg))) / dt
-        return self._check(record, "harsh_corner", lateral)
+        return self._check(sample, mono, "harsh_corner", lateral)
 
-    def _check(self, record: Record, kind: str, value: float) -> list[Record]:
+    def _check(self, sample: Sample, mono: float, kind: str, value: float) -> list[Record]:
         """Start, extend or finish a harsh episode of ``kind`` with this acceleration (m/s^2)."""
         episode = self._episodes.get(kind)
         if value >= self.thresholds[kind]:
             if episode is None:
-                self._episodes[kind] = _Episode(record.utc, *self._pos, value)
+                self._episodes[kind] = _Episode(sample, value)
             else:
-                episode.peak, episode.last = max(episode.peak, value), record.utc
+                episode.peak, episode.last = max(episode.peak, value), sample.utc
             return []
         if episode is None:
             return []
         del self._episodes[kind]
-        return [self._event(episode, record.mono, kind, peak_mps2=round(episode.peak, 2),
-                            duration_s=round(record.utc - episode.utc, 1))]
+        return [self._event(episode, mono, kind, peak_mps2=round(episode.peak, 2),
+                            duration_s=round(sample.utc - episode.utc, 1))]
 
-    def _overspeed(self, record: Record, kmh: float) -> list[Record]:
+    def _overspeed(self, sample: Sample, mono: float) -> list[Record]:
+        kmh = sample.speed * 3.6
         limit, fence_id = self._limit()
         episode = self._episodes.get("overspeed")
         if limit is not None and kmh > limit:
             if episode is None:
-                self._episodes["overspeed"] = episode = _Episode(record.utc, *self._pos, kmh)
+                self._episodes["overspeed"] = episode = _Episode(sample, kmh)
                 episode.limit, episode.fence = limit, fence_id
-            episode.peak, episode.last = max(episode.peak, kmh), record.utc
+            episode.peak, episode.last = max(episode.peak, kmh), sample.utc
             return []
-        if episode is None or record.utc - episode.last < self.config.overspeed_end_s:
+        if episode is None or sample.utc - episode.last < self.config.overspeed_end_s:
             return []
         del self._episodes["overspeed"]
         duration = episode.last - episode.utc
@@ -149,7 +221,7 @@ class DrivingMonitor:
         attrs = {"peak_kmh": round(episode.peak, 1), "duration_s": round(duration, 1), "limit_kmh": episode.limit}
         if episode.fence is not None:
             attrs["geofence_id"] = episode.fence
-        return [self._event(episode, record.mono, "overspeed", **attrs)]
+        return [self._event(episode, mono, "overspeed", **attrs)]
 
     def _limit(self) -> tuple[float | None, str | None]:
         """(km/h, zone fence id or None) now in force; (None, None) without any limit."""
