@@ -59,6 +59,8 @@ class GpsConfig(_Section):
     source: Literal["serial", "gpsd"] = "serial"
     port: str = "/dev/gps0"
     baud: PositiveInt = 9600
+    # Try the common rates in turn while the receiver sends no valid sentence (baud is tried first).
+    baud_detect: bool = False
     # Accept sentences without a checksum (for receivers that never send one).
     allow_missing_checksum: bool = False
     # An epoch is emitted when the next one starts, or after this long with no new sentence.

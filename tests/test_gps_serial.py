@@ -275,3 +275,36 @@ def test_health_state_machine():
     assert silent.type == "gps_silent" and silent.attrs["silent_s"] == 5.0
     assert health.tick(20.0) is None  # once per silent spell
     assert health.event_utc(wall=0.0, mono=10.0) == 110.0  # GPS time carried forward
+
+
+def test_baud_rate_detection_moves_on_while_only_noise_arrives(pty_gps, link, running, caplog):
+    import termios
+
+    caplog.set_level(logging.INFO, logger="agent.sources.gps_serial")
+    point(link, pty_gps)
+    run = running(config(link, baud=9600, baud_detect=True))
+    wait_until(lambda: run.source.stats["port_open"], message="port open")
+    # What a 38400-baud receiver looks like to a 9600-baud UART: bytes, never a valid sentence.
+    noise = bytes((i * 37 + 11) % 256 for i in range(700)).replace(b"$", b"#").replace(b"!", b"#")
+    pty_gps.write(noise)
+    wait_until(lambda: run.source.stats["baud"] == 19200, message="the next rate")
+    # pyserial really reprogrammed the line (the pty keeps the speed it is given).
+    assert termios.tcgetattr(pty_gps.slave_fd)[4] == termios.B19200
+    pty_gps.write(noise)
+    wait_until(lambda: run.source.stats["baud"] == 38400, message="the rate after that")
+    pty_gps.write(epoch(0) + epoch(1))
+    wait_until(lambda: len(run.fixes()) == 2, message="fixes once a rate works")
+    before = run.source.stats["bytes"]
+    pty_gps.write(noise * 3)  # line noise after the rate was found does not move it again
+    wait_until(lambda: run.source.stats["bytes"] >= before + 3 * 700, message="noise read")
+    assert run.source.stats["baud"] == 38400
+    assert any("speaks NMEA at 38400 baud" in r.getMessage() for r in caplog.records)
+
+
+def test_without_detection_the_rate_stays(pty_gps, link, running):
+    point(link, pty_gps)
+    run = running(config(link, baud=9600))
+    wait_until(lambda: run.source.stats["port_open"], message="port open")
+    pty_gps.write(bytes(range(256)).replace(b"$", b"#").replace(b"!", b"#") * 4)
+    wait_until(lambda: run.source.stats["bytes"] >= 1024, message="noise read")
+    assert run.source.stats["baud"] == 9600

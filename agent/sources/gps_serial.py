@@ -34,6 +34,11 @@ def floor_utc(day: _dt.date) -> float:
 
 # How long a quiet line is waited on between checks for stop and silence.
 IDLE_WAIT_S = 0.5
+# Baud-rate detection: the rates tried in turn (4800 is NMEA 0183's own; the others are what GPS
+# modules ship with or are set to), and how many bytes without one valid sentence mean a wrong rate
+# (an NMEA line is at most ~82 characters, so this is several lines' worth).
+BAUD_RATES = (4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800)
+BAUD_PROBE_BYTES = 600
 
 
 class GpsSerialSource:
@@ -47,9 +52,12 @@ class GpsSerialSource:
         self._floor = floor_utc(config.rollover_floor)
         self.decoder = NmeaDecoder(allow_missing_checksum=config.allow_missing_checksum, rollover_floor_utc=self._floor)
         self.stats: dict[str, object] = {
-            "port": config.port, "port_open": False, "bytes": 0, "reopen_count": 0, "open_failures": 0,
-            "decoder": self.decoder.counters,
+            "port": config.port, "port_open": False, "baud": config.baud, "bytes": 0, "reopen_count": 0,
+            "open_failures": 0, "decoder": self.decoder.counters,
         }
+        self._baud = config.baud  # the rate in use: the configured one, or the one detection found
+        self._baud_found = not config.baud_detect
+        self._unproven = 0  # bytes read at the current rate, while no sentence has had a valid checksum
         self.output = GpsOutput(config, clock, self.stats, config.port)
         self._epochs_seen = 0
 
@@ -61,7 +69,7 @@ class GpsSerialSource:
         opened_before = False
         while not stop.is_set():
             try:
-                port = serial.Serial(self.config.port, self.config.baud, timeout=self.config.epoch_timeout_s)
+                port = serial.Serial(self.config.port, self._baud, timeout=self.config.epoch_timeout_s)
             except (serial.SerialException, OSError, ValueError) as exc:
                 self.stats["open_failures"] = int(self.stats["open_failures"]) + 1
                 if not failing:
@@ -76,7 +84,7 @@ class GpsSerialSource:
                 self.stats["reopen_count"] = int(self.stats["reopen_count"]) + 1
             opened_before = True
             self.stats["port_open"] = True
-            log.info("gps: %s open at %d baud", self.config.port, self.config.baud)
+            log.info("gps: %s open at %d baud", self.config.port, self._baud)
             try:
                 self._read(port, emit, stop)
             except (serial.SerialException, OSError) as exc:
@@ -111,10 +119,30 @@ class GpsSerialSource:
                 wall = self.clock.wall()
                 self.decoder.set_reference_utc(wall if wall >= self._floor else None)
                 self._emit_all(self.decoder.feed(data), emit)
+                if not self._baud_found:
+                    self._detect_baud(port, len(data))
             elif not quiet:
                 quiet = True  # a quiet line ends the epoch being assembled
                 self._emit_all(self.decoder.flush(), emit)
             self.output.tick(emit)
+
+    def _detect_baud(self, port, size: int) -> None:
+        """With ``gps.baud_detect``: move to the next rate while bytes come but no valid sentence does."""
+        if self.decoder.counters["sentences"] + self.decoder.counters["ignored"]:  # a good checksum
+            self._baud_found = True
+            log.info("gps: %s speaks NMEA at %d baud", self.config.port, self._baud)
+            return
+        self._unproven += size
+        if self._unproven < BAUD_PROBE_BYTES:
+            return
+        rates = BAUD_RATES if self._baud in BAUD_RATES else (self._baud, *BAUD_RATES)
+        following = rates[(rates.index(self._baud) + 1) % len(rates)]
+        log.info("gps: no NMEA from %s at %d baud; trying %d", self.config.port, self._baud, following)
+        port.baudrate = following  # pyserial reconfigures the open port
+        port.reset_input_buffer()  # what came at the old rate is noise
+        self._baud = following
+        self.stats["baud"] = following
+        self._unproven = 0
 
     def _emit_all(self, fixes: list[tuple[float, Fix]], emit: Emit) -> None:
         epochs = self.decoder.counters["epochs"]
