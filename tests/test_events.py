@@ -3,6 +3,8 @@ unexpected, times within a second of the truth or within the configured hysteres
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from agent.config import DiagnosticsConfig, DrivingConfig, EdgeConfig, GeofencesConfig, StopsConfig
@@ -30,23 +32,25 @@ def route_fences() -> bytes:
 
 
 def delivery_route() -> tuple[Drive, dict[str, float]]:
-    """Depot -> customer A (5 min) -> customer B (3 min) -> depot; returns the drive and the true times."""
+    """Depot -> customer A (5 min) -> customer B (3 min) -> depot, GPS wandering by up to 5 m while
+    standing; returns the drive and the true times."""
+    rng = random.Random(11)
     d = Drive(*DEPOT)
     truth = {}
-    d.stay(30)
+    d.stay(30, noise_m=5, rng=rng)
     d.leg(*offset(*CUST_A, -20, 0), 15)
     # The depot edge is 100 m north: 1.2 m/s^2 from standstill takes sqrt(2 * 100 / 1.2) s.
     truth["depot_exit"] = d.records[0].utc + 30 + (2 * 100 / 1.2) ** 0.5
     truth["arrive_a"] = d.t
-    d.stay(300)
+    d.stay(300, noise_m=5, rng=rng)
     truth["depart_a"] = d.t
     d.leg(*offset(*CUST_B, 0, -10), 15)
     truth["arrive_b"] = d.t
-    d.stay(180)
+    d.stay(180, noise_m=5, rng=rng)
     truth["depart_b"] = d.t
     d.leg(*DEPOT, 15)
     truth["back"] = d.t
-    d.stay(200)
+    d.stay(200, noise_m=5, rng=rng)
     return d, truth
 
 
@@ -126,8 +130,6 @@ def test_truck_driving_through_a_fence_enters_and_exits_once():
 
 
 def test_truck_parked_on_a_fence_line_enters_and_exits_at_most_once():
-    import random
-
     rng = random.Random(7)
     edge = offset(*DEPOT, 0, 100)  # the east edge of the depot square
     d = Drive(*offset(*edge, 0, 300))

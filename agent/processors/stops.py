@@ -1,4 +1,5 @@
-"""Delivery stops: the truck stationary within ``radius_m`` for at least ``min_duration_s``.
+"""Delivery stops: the truck stationary within ``radius_m`` of where it stopped for at least
+``min_duration_s``.
 
 ``stop_arrive`` carries the time and position of the stop's first fix slower than 1 m/s (the
 arrival), and is emitted once the stop lasted ``min_duration_s``; ``stop_depart`` carries the time
@@ -66,7 +67,8 @@ class StopDetector:
                 return []
             self._last_still = utc
             if self._arrival is None:
-                self._arrival = (utc, fix.lat, fix.lon)
+                # The radius is around where the truck stopped, not where it began to brake.
+                self._arrival = self._anchor = (utc, fix.lat, fix.lon)
                 self._save()  # a stationary candidate: worth remembering across a restart
             t0, lat1, lon1 = self._arrival
             if not self._arrived and self._moved and utc - t0 >= self.config.min_duration_s:
