@@ -54,6 +54,8 @@ DAY_S = 86_400.0
 READ_GRACE_S = 0.5
 # The drive is over and delivered when the collector has stored nothing new for this long.
 SETTLE_S = 3.0
+# The agent writes its status file every status.interval_s (1 s here) with its own wall clock.
+CLOCK_SEEN_S = 3.0
 # GPS receiver events follow the replay's start, end and the faults; they are judged only when named.
 GPS_HEALTH = frozenset(("gps_lost", "gps_regained", "gps_silent"))
 
@@ -374,6 +376,7 @@ class Outcome:
     start_utc: float | None
     agent_log: str
     faults_done: list[str]
+    clock_steps: list[tuple[float, float | None]] = field(default_factory=list)  # (agent offset wanted, seen)
 
 
 # ---- running -------------------------------------------------------------------------------------
@@ -458,6 +461,8 @@ class Runner:
         stretches: list[Stretch] = []
         may_lose_windows: list[tuple[float, float]] = []
         done: list[str] = []
+        clock_steps: list[tuple[float, float | None]] = []
+        watchers: list[threading.Thread] = []
         try:
             broker.start()
             collector.start()
@@ -520,6 +525,10 @@ class Runner:
                         can_line.plug()
                     elif kind == "clock_step":
                         agent.step_clock(act[1])
+                        watcher = threading.Thread(target=self._see_clock, args=(agent.clock_offset_s, clock_steps),
+                                                   daemon=True)
+                        watcher.start()
+                        watchers.append(watcher)
                 if not clock.wait_until(offset, stop):
                     break
                 if corrupt_left and data.lstrip(b"\x00").startswith((b"$", b"!")) and b"*" in data:
@@ -538,6 +547,8 @@ class Runner:
                  "can_back": can_line.plug if can_line else None}.get(act[0], lambda: None)()
             if stretch is not None:
                 stretch.flush(time.time())  # the line goes quiet: the agent completes the last epoch
+            for watcher in watchers:
+                watcher.join()
             if can_thread is not None:
                 can_thread.join(max(1.0, (nmea.duration_s + 5) / self.speed))
             self._settle(db, agent)
@@ -555,7 +566,22 @@ class Runner:
         may_lose = {round(utc, 3) for st in stretches for utc, wall in st.fixes
                     if any(lo <= wall <= hi for lo, hi in may_lose_windows)}
         start_utc = nmea.timeline.start_utc + day_shift_s + s.start_s if nmea.timeline.start_utc is not None else None
-        return Outcome(records, expected, may_lose, day_shift_s, start_utc, log_text, done)
+        return Outcome(records, expected, may_lose, day_shift_s, start_utc, log_text, done, clock_steps)
+
+    def _see_clock(self, offset_s: float, seen: list[tuple[float, float | None]]) -> None:
+        """Wait until the agent's status file (written by its wall clock every second) shows ``offset_s``."""
+        status = self.workdir / "agent-data" / "status.json"
+        deadline = time.monotonic() + CLOCK_SEEN_S
+        observed = None
+        while time.monotonic() < deadline:
+            try:
+                observed = json.loads(status.read_text())["updated_utc"] - time.time()
+            except (OSError, ValueError, KeyError):
+                pass
+            if observed is not None and abs(observed - offset_s) < CLOCK_SEEN_S:
+                break
+            time.sleep(0.2)
+        seen.append((offset_s, None if observed is None else round(observed)))
 
     def _actions(self) -> list[tuple[float, str, tuple]]:
         """The faults as (drive second, description, action) in time order; lasting ones end with an undo."""
@@ -696,6 +722,12 @@ def judge(s: Scenario, out: Outcome, truth: dict | None) -> list[Check]:
         if e.no_unexpected_events:
             unexpected = set(truth.get("unchecked_types", [])) | GPS_HEALTH
         checks.append(_match_events("ground truth", wants, events, unexpected))
+    if out.clock_steps:
+        wrong = [(want, seen) for want, seen in out.clock_steps if seen is None or abs(seen - want) >= CLOCK_SEEN_S]
+        checks.append(Check("clock steps", not wrong, f"{len(out.clock_steps)} steps of the agent's wall clock, "
+                            f"{len(out.clock_steps) - len(wrong)} seen in its status file",
+                            [f"the agent's clock should be {want:+.0f} s off, its status file says "
+                             f"{'nothing' if seen is None else f'{seen:+.0f} s'}" for want, seen in wrong]))
     if e.agent_log:
         missing_patterns = [p for p in e.agent_log if not re.search(p, out.agent_log, re.M)]
         checks.append(Check("agent log", not missing_patterns, f"{len(e.agent_log)} patterns wanted in the agent's log",
