@@ -136,12 +136,16 @@ def main() -> int:
     # Mosquitto's default is 20: the collector acknowledges a message only after its commit, so
     # this window bounds how many batches one transaction can group.
     parser.add_argument("--inflight", type=int, default=20, help="the broker's max_inflight_messages")
+    parser.add_argument("--nodelay", action="store_true", help="Mosquitto's set_tcp_nodelay true (default false)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-collector-"))
     port = free_port()
+    # set_tcp_nodelay (--nodelay): Mosquitto's default leaves Nagle's algorithm on, which holds small
+    # ack messages back at light load (BENCHMARKS.md, "Collector on PostgreSQL").
     (workdir / "mosquitto.conf").write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages {args.inflight}\n")
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n"
+        f"max_inflight_messages {args.inflight}\nset_tcp_nodelay {'true' if args.nodelay else 'false'}\n")
     broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(workdir / "mosquitto.conf")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     schema = f"bench_{uuid.uuid4().hex[:10]}"

@@ -119,7 +119,7 @@ class PostgresStore:
                 f"INSERT INTO records ({_COLUMNS}, time) SELECT {_COLUMNS}, {_TIME} FROM incoming ON CONFLICT DO NOTHING"
             )
             inserted = cur.rowcount
-            cur.execute("TRUNCATE incoming")
+            cur.execute("DELETE FROM incoming")  # cheaper than TRUNCATE (no new relfilenode) on a small temp table
             if dead:
                 cur.executemany(
                     "INSERT INTO dead_letters(received_utc, topic, content_type, reason, payload)"
