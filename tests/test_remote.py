@@ -132,9 +132,11 @@ class Agentish:
         self.flushes: list[float] = []
         self.restarts = 0
 
-    def apply(self, config) -> None:
+    def apply(self, config) -> bool:
+        """In this process: reconnect the link with the new settings (True: in effect now)."""
         self.applied.append(config)
         self.link.connect(config.mqtt.port)
+        return True
 
     def flush(self, timeout: float) -> bool:
         self.flushes.append(timeout)
@@ -338,7 +340,7 @@ def test_with_the_agents_own_mqtt_link(tmp_path, mosquitto, data_dir):
     link_thread.start()
     applied = []
     manager = RemoteManager(
-        config_path, config, link, clock, apply=applied.append, link_up=lambda: link.stats()["connected"],
+        config_path, config, link, clock, apply=lambda c: applied.append(c) or True, link_up=lambda: link.stats()["connected"],
         status=lambda: {"broker": link.stats()}, flush=lambda timeout: True, restart=lambda: None,
     )
     stop = threading.Event()
@@ -378,3 +380,48 @@ def test_merge_properties(base, change):
             assert merged[key] == value
     for key in set(base) - set(change):
         assert merged[key] == base[key]
+
+
+def test_a_link_cutting_change_applied_by_restarts_is_rolled_back_and_answered(tmp_path, mosquitto, data_dir):
+    """The composition root applies by restarting: change -> restart -> no broker -> roll back -> restart -> answer."""
+    config_path = write_config(tmp_path, data_dir, mosquitto.port)
+    dead_port = free_port()
+    ops = Ops(mosquitto.port)
+    links = []
+
+    def start():
+        """One start of the agent: the effective config, a link to its broker, a manager."""
+        config = load_effective_config(config_path)
+        link = PahoLink(config.mqtt.port)
+        links.append(link)
+        agent = Agentish(link, GeofenceProcessor(config.edge.geofences, data_dir))
+        holder = {}
+        manager, stop, thread = start_manager(config_path, link, agent, apply=lambda c: holder["stop"].set())
+        holder["stop"] = stop
+        return config, stop, thread
+
+    try:
+        _, stop1, thread1 = start()
+        ops.wait_until_served()
+        ops.client.publish(f"telematics/{DEVICE}/config", json.dumps({"id": "cut2", "settings": {"mqtt": {"port": dead_port}}}), qos=1)
+        thread1.join(10)
+        assert not thread1.is_alive() and RemoteStore(data_dir).pending
+        config2, stop2, thread2 = start()  # runs with the new port: the broker is not there
+        assert config2.mqtt.port == dead_port
+        thread2.join(10)  # after rollback_timeout_s it rolls back, which again means a restart
+        assert not thread2.is_alive()
+        assert RemoteStore(data_dir).state["status"] == "rolled_back" and RemoteStore(data_dir).unanswered
+        config3, stop3, thread3 = start()
+        assert config3.mqtt.port == mosquitto.port
+        response = ops.responses.get(timeout=10)
+        while response.get("id") != "cut2":  # late warm-up answers
+            response = ops.responses.get(timeout=10)
+        assert response["ok"] is False and response["rolled_back"] is True
+        assert "not reachable within 1.5 s" in response["error"]
+        wait_until(lambda: RemoteStore(data_dir).unanswered is None, message="the answer marked as sent")
+        stop3.set()
+        thread3.join(10)
+    finally:
+        ops.close()
+        for link in links:
+            link.close()

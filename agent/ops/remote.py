@@ -177,9 +177,10 @@ def load_effective_config(path: str | Path) -> Config:
 class RemoteManager:
     """Serves the config and command topics; ``run(stop)`` in its own thread (it waits for the link).
 
-    ``apply(config)`` puts a new Config into effect and returns once it is (e.g. reconnect the link
-    with new mqtt settings), or restarts the agent by setting ``stop``: the change is saved first,
-    and the next start confirms or rolls it back and sends the answer; ``link_up()`` says whether the broker is
+    ``apply(config)`` puts a new Config into effect: it returns True once the config is in effect
+    in this process (e.g. the link reconnected with new mqtt settings); anything else means it asked
+    for a restart, and the next start (which loads the saved change) confirms or rolls it back and
+    sends the answer. ``link_up()`` says whether the broker is
     connected; ``parse_fences(bytes)`` validates a GeoJSON fence set (GeofenceSet.from_geojson) and
     ``replace_fences(set, version)`` swaps it in. ``flush(timeout) -> bool``, ``restart()`` and
     ``status() -> dict`` serve the commands of the same names.
@@ -192,7 +193,7 @@ class RemoteManager:
         link: Link,
         clock: Clock,
         *,
-        apply: Callable[[Config], None],
+        apply: Callable[[Config], bool | None],
         link_up: Callable[[], bool],
         status: Callable[[], dict[str, Any]],
         flush: Callable[[float], bool],
@@ -217,6 +218,7 @@ class RemoteManager:
         # Long-running commands: the handler checks the request, starts the work and returns at once.
         self._handlers = {"update": update, "renew_certificate": renew_certificate}
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
+        self._restarting = False  # a change takes effect at the next start: serve nothing more
 
     @property
     def version(self) -> str:
@@ -241,7 +243,7 @@ class RemoteManager:
         if self.store.pending:
             log.info("remote change %s is pending: waiting for the broker", self.store.state.get("request_id"))
             self._confirm_or_roll_back(self.store.state.get("request_id"), stop)
-        while not stop.is_set():
+        while not (stop.is_set() or self._restarting):
             try:
                 topic, payload = self._inbox.get(timeout=0.2)
             except queue.Empty:
@@ -285,8 +287,8 @@ class RemoteManager:
             fence_set = self._parse(fences)
         self.store.stage(request_id, settings, fences)
         log.info("remote change %s: applying (config %s)", request_id, config_version(new_config))
-        self._put_into_effect(new_config, fence_set, fences)
-        self._confirm_or_roll_back(request_id, stop)
+        if self._put_into_effect(new_config, fence_set, fences):
+            self._confirm_or_roll_back(request_id, stop)
 
     def _parse(self, fences: dict[str, Any]) -> Any:
         try:
@@ -300,12 +302,18 @@ class RemoteManager:
         except (OSError, yaml.YAMLError, ConfigError) as exc:
             raise RemoteError(f"cannot read the config file {self.config_path}: {exc}") from exc
 
-    def _put_into_effect(self, config: Config, fence_set: Any, fences: dict[str, Any] | None) -> None:
-        if config is not self.config:
-            self._apply(config)
-            self.config = config
+    def _put_into_effect(self, config: Config, fence_set: Any, fences: dict[str, Any] | None) -> bool:
+        """True when the change is in effect now; False when it waits for the restart apply() asked for."""
         if fence_set is not None:
             self._replace_fences(fence_set, (fences or {}).get("version"))
+        if config is self.config:
+            return True
+        if self._apply(config) is not True:
+            log.info("remote change %s takes effect at the restart", self.store.state.get("request_id"))
+            self._restarting = True
+            return False
+        self.config = config
+        return True
 
     def _wait_for_link(self, stop: threading.Event) -> bool:
         deadline = self.clock.monotonic() + self.config.remote.rollback_timeout_s
@@ -335,8 +343,8 @@ class RemoteManager:
         fence_set = None
         if self._replace_fences is not None and self._parse_fences is not None:
             fence_set = self._parse(old_fences) if old_fences else self._parse({"geojson": {"type": "FeatureCollection", "features": []}})
-        self._put_into_effect(old_config, fence_set, old_fences)
-        self._send_outcome({**self.store.unanswered, "config_version": self.version}, stop)
+        if self._put_into_effect(old_config, fence_set, old_fences):
+            self._send_outcome({**self.store.unanswered, "config_version": self.version}, stop)
 
     def _send_outcome(self, response: dict[str, Any], stop: threading.Event) -> None:
         """Answer a config change once the link is up; remembered in remote.json until sent."""
