@@ -326,3 +326,27 @@ def test_fixes_from_few_satellites_are_not_used_for_harsh_driving():
     weak = [Record(utc=r.utc, mono=r.mono, data=msgspec.structs.replace(r.data, sats_used=4, hdop=3.5)) for r in d.records]
     assert [t for t, _ in events(run(chain(collection()).processors, weak)) if t.startswith("harsh")] == []
     assert [t for t, _ in events(run(chain(collection()).processors, d.records)) if t.startswith("harsh")] == ["harsh_brake"]
+
+
+def test_restart_while_idling_and_in_a_trip(data_dir):
+    d = Drive(*DEPOT)
+    d.ignition(True)
+    start = d.t
+    d.stay(600, signals={"EngineSpeed": 650.0, "EngineFuelRate": 1.8})
+    d.signal("EngineSpeed", 1100.0).go(1500, 0, 15)
+    d.stay(5).ignition(False)
+    d.stay(5)
+    whole = events(run(chain(collection()).processors, d.records))
+    cut = next(i for i, r in enumerate(d.records) if r.utc >= start + 420)  # idling announced at 300 s
+    first = events(run(chain(collection(), data_dir).processors, d.records[:cut]))
+    second = events(run(chain(collection(), data_dir).processors, d.records[cut:]))
+    types = [t for t, _ in first + second]
+    assert types.count("trip_start") == 1 and types.count("idle_start") == 1
+    idle_end = next(a for t, a in second if t == "idle_end")
+    assert idle_end["duration_s"] == pytest.approx(600, abs=2)
+    # The fuel wasted is saved once a minute: at most a minute of it is lost with the restart.
+    assert 1.8 * (600 - 60) / 3600 - 0.005 <= idle_end["fuel_l"] <= 1.8 * 600 / 3600 + 0.005
+    trip_end = next(a for t, a in second if t == "trip_end")
+    assert trip_end["duration_s"] == next(a for t, a in whole if t == "trip_end")["duration_s"]
+    # Distance is saved once a minute: all of it was driven after the restart here.
+    assert trip_end["distance_m"] == pytest.approx(1500, abs=25)

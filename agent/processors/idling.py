@@ -4,7 +4,8 @@ The engine runs when CAN engine speed is at least ``engine_on_rpm``; without eng
 the ignition is on. Standing still: CAN wheel speed, else GPS speed, below ``still_speed_mps``.
 ``idle_start`` carries the time idling began (emitted once it lasted ``min_duration_s``);
 ``idle_end`` the time it ended, ``duration_s`` and ``fuel_l`` (fuel wasted) when the fuel rate is
-known. An idle period in progress survives a restart (``<data_dir>/edge-idling.json``).
+known. An idle period in progress survives a restart (``<data_dir>/edge-idling.json``, written at
+its start, when announced, at its end and once a minute in between for the fuel wasted).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 from pathlib import Path
 
 from agent.config import IdlingConfig
-from agent.processors.state import StateFile
+from agent.processors.state import PERIODIC_SAVE_S, StateFile
 from agent.processors.vehicle import ENGINE_SPEED_RPM, WHEEL_SPEED_KMH, FuelMeter, ignition, signal_value
 from agent.record import Event, Fix, Record
 
@@ -34,6 +35,7 @@ class IdleDetector:
         self._since: float | None = saved.get("since")
         self._announced = bool(saved.get("announced"))
         self._fuel_l = float(saved.get("fuel_l", 0.0))
+        self._saved_at = self._since  # utc of the last save while idling
         self._rpm: float | None = None
         self._ignition: bool | None = None
         self._wheel: tuple[float, float] | None = None  # (utc, km/h)
@@ -53,12 +55,14 @@ class IdleDetector:
             return [record]
         if idling and self._since is None:
             self._since, self._announced, self._fuel_l = utc, False, 0.0
-            self._save()
+            self._save(utc)
         elif idling and not self._announced and utc - self._since >= self.config.min_duration_s:
             self._announced = True
-            self._save()
+            self._save(utc)
             log.info("idling since %.0f", self._since)
             events.append(self._event(self._since, record.mono, "idle_start"))
+        elif idling and utc - self._saved_at >= PERIODIC_SAVE_S:
+            self._save(utc)  # the fuel wasted so far
         elif not idling and self._since is not None:
             if self._announced:
                 attrs = {"duration_s": round(utc - self._since, 1)}
@@ -67,7 +71,7 @@ class IdleDetector:
                 events.append(self._event(utc, record.mono, "idle_end", **attrs))
                 log.info("idling ended after %.0f s", utc - self._since)
             self._since, self._announced, self._fuel_l = None, False, 0.0
-            self._save()
+            self._save(utc)
         return [*events, record]
 
     def _observe(self, record: Record) -> None:
@@ -100,6 +104,7 @@ class IdleDetector:
         lat, lon = self._pos
         return Record(utc=utc, mono=mono, data=Event(type=etype, lat=lat, lon=lon, attrs=attrs))
 
-    def _save(self) -> None:
+    def _save(self, utc: float) -> None:
+        self._saved_at = utc
         state = {"since": self._since, "announced": self._announced, "fuel_l": round(self._fuel_l, 3)} if self._since else {}
         self._state_file.save(state)

@@ -14,6 +14,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# State that changes with every record (a trip's distance, fuel while idling) is saved at most this
+# often, in seconds of record time: a restart loses at most this much of it, and the card is spared.
+PERIODIC_SAVE_S = 60.0
+
 
 class StateFile:
     """``<data_dir>/<name>.json``; ``None`` as data_dir keeps state in memory only (offline runs)."""

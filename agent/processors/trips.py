@@ -15,7 +15,7 @@ from pathlib import Path
 
 from agent.config import TripsConfig
 from agent.geo import haversine_m
-from agent.processors.state import StateFile
+from agent.processors.state import PERIODIC_SAVE_S, StateFile
 from agent.processors.vehicle import ENGINE_SPEED_RPM, FuelMeter, ignition, signal_value
 from agent.record import Event, Fix, Record
 
@@ -26,8 +26,6 @@ SOURCES = ("movement", "engine", "ignition")  # worst to best
 STILL_SPEED_MPS = 1.0
 # Consecutive fixes further apart than this speed allows are a GPS jump, not distance (m/s).
 MAX_PLAUSIBLE_SPEED_MPS = 70.0
-# While a trip runs, its totals are saved at most this often (seconds of record time).
-SAVE_INTERVAL_S = 60.0
 
 
 class TripDetector:
@@ -62,7 +60,7 @@ class TripDetector:
                 events.append(self._end(record, utc))
         if isinstance(record.data, Fix):
             events += self._on_fix(record, record.data)
-        if self._trip is not None and utc - self._trip["saved"] >= SAVE_INTERVAL_S:
+        if self._trip is not None and utc - self._trip["saved"] >= PERIODIC_SAVE_S:
             self._trip["saved"] = utc
             self._save()
         return [*events, record]
