@@ -172,11 +172,42 @@ def test_receiver_that_sends_only_gga_has_no_date_until_rmc_zda_or_a_trusted_clo
     assert [iso_utc(u) for u, _ in fixes] == ["2017-01-10T00:09:41.000Z", "2017-01-10T00:09:42.000Z"]
 
 
+def test_a_gga_only_capture_dated_once_keeps_its_date_across_midnight():
+    data = s("GPGGA,235959.00,4404.1,N,12118.8,W,1,8,1,100,M,,M,,") + s("GPGGA,000000.00,4404.1,N,12118.8,W,1,8,1,100,M,,M,,")
+    decoder = NmeaDecoder()
+    decoder.set_reference_utc(dt.datetime(2017, 1, 9, 12, tzinfo=dt.timezone.utc).timestamp())
+    fixes = decoder.feed(data) + decoder.flush()
+    assert [iso_utc(u) for u, _ in fixes] == ["2017-01-09T23:59:59.000Z", "2017-01-10T00:00:00.000Z"]
+
+
+def test_decode_nmea_date_option_dates_a_gga_only_capture(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "gga.nmea"
+    path.write_bytes(s(GGA) + s(GGA2))
+    exe = str(Path(sys.executable).with_name("telematics-agent"))
+    plain = subprocess.run([exe, "decode-nmea", str(path), "--stats"], capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0 and plain.stdout == "" and "no_date=2" in plain.stderr
+    dated = subprocess.run([exe, "decode-nmea", str(path), "--date", "2017-01-10"], capture_output=True, text=True, timeout=60)
+    assert [line[9:33] for line in dated.stdout.splitlines()] == ["2017-01-10T00:09:41.000Z", "2017-01-10T00:09:42.000Z"]
+    missing = subprocess.run([exe, "decode-nmea", str(tmp_path / "nope.nmea")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+
+
 def test_midnight_moves_the_date_of_gga_epochs():
     data = s("GPRMC,235959.50,A,4404.1,N,12118.8,W,0,,311216,,,A") + s("GPGGA,235959.50,4404.1,N,12118.8,W,1,8,1,100,M,,M,,")
     data += s("GPGGA,000000.50,4404.1,N,12118.8,W,1,8,1,100,M,,M,,")  # before the next RMC
     fixes, _ = decode(data)
     assert [iso_utc(u) for u, _ in fixes] == ["2016-12-31T23:59:59.500Z", "2017-01-01T00:00:00.500Z"]
+
+
+def test_the_last_epoch_before_midnight_keeps_its_day_when_only_gga_dates_follow_a_zda():
+    data = s("GPZDA,235958.00,31,12,2016,00,00") + s("GPGGA,235959.00,4404.1,N,12118.8,W,1,8,1,100,M,,M,,")
+    data += s("GPGGA,000000.00,4404.1,N,12118.8,W,1,8,1,100,M,,M,,")
+    fixes, _ = decode(data)
+    assert [iso_utc(u) for u, _ in fixes] == ["2016-12-31T23:59:59.000Z", "2017-01-01T00:00:00.000Z"]
 
 
 def test_10hz_epochs_keep_their_milliseconds():

@@ -8,6 +8,7 @@ counters go to stderr at the end with ``--stats``.
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import sys
 
 import msgspec
@@ -24,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-missing-checksum", action="store_true", help="accept sentences without *hh (receivers that never send one)"
     )
+    parser.add_argument(
+        "--date", type=_dt.date.fromisoformat, metavar="YYYY-MM-DD",
+        help="the UTC date of a capture whose receiver sends no date (GGA only): epochs before the first RMC or ZDA",
+    )
     parser.add_argument("--stats", action="store_true", help="print the decoder's and filter's counters to stderr")
 
 
@@ -37,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise CommandError(str(exc)) from exc
     decoder = NmeaDecoder(allow_missing_checksum=args.allow_missing_checksum or gps.allow_missing_checksum)
+    if args.date is not None:
+        # Noon of that day: every time of day is then dated on that day (nearest within 12 h).
+        noon = _dt.datetime(args.date.year, args.date.month, args.date.day, 12, tzinfo=_dt.timezone.utc)
+        decoder.set_reference_utc(noon.timestamp())
     fix_filter = None
     if args.filter:
         from agent.processors.fix_filter import FixFilter

@@ -320,12 +320,12 @@ class NmeaDecoder:
         """
         epoch = self._epoch
         if tod_ms is not None:
-            self._advance_date(tod_ms)
             if epoch is not None and (
                 (epoch.tod_ms is not None and epoch.tod_ms != tod_ms) or kind in epoch.kinds
             ):
-                self._complete(out)
+                self._complete(out)  # with the date it had: the new time may be past midnight
                 epoch = None
+            self._advance_date(tod_ms)
             if epoch is None:
                 epoch = self._epoch = _Epoch(tod_ms, None)
             elif epoch.tod_ms is None:
@@ -365,6 +365,8 @@ class NmeaDecoder:
                 utc_ms -= DAY_MS
             elif ref - utc_ms > HALF_DAY_MS:
                 utc_ms += DAY_MS
+            # From here the receiver's own time of day carries the date on, across midnight too.
+            self._date_ord = _EPOCH_ORDINAL + utc_ms // DAY_MS
         else:
             self.counters["no_date"] += 1
             return
