@@ -177,3 +177,14 @@ def test_replace_from_another_thread_while_fixes_are_processed():
     # The depot is in every version: entered once, never left.
     assert [a["geofence_id"] for t, a in events(out) if t == "geofence_enter"].count("depot") == 1
     assert not [a for t, a in events(out) if t == "geofence_exit" and a["geofence_id"] == "depot"]
+
+
+def test_an_unreadable_state_file_is_ignored_with_a_warning(data_dir, caplog):
+    (data_dir / "edge-geofence.json").write_text('{"fences": ')  # cut short by a power failure of an older version
+    fences = GeofenceSet.from_geojson(collection(square("depot", "depot", *HOME, 100)))
+    processor = GeofenceProcessor(GeofencesConfig(), data_dir, fences)
+    assert "ignoring unreadable state file" in caplog.text
+    d = Drive(*HOME)
+    d.stay(5)
+    assert [t for t, _ in events(run([processor], d.records))] == ["geofence_enter"]
+    assert json.loads((data_dir / "edge-geofence.json").read_text())["fences"]["depot"]["inside"] is True
