@@ -196,3 +196,51 @@ def test_commands_on_a_missing_database_say_so_in_one_line(tmp_path):
     for args in (["gaps"], ["reprocess"], ["export", "--device", "d", "--from", "0", "--to", "1", "--format", "csv"]):
         out = _cli(*args, "--db", str(tmp_path / "none.sqlite"))
         assert out.returncode == 2 and out.stderr.strip().endswith("no such database"), out.stderr
+
+
+def test_fuzzed_payloads_never_stop_the_collector(pg_dsn, mosquitto):
+    """Random bytes, truncated and bit-flipped batches, wrong versions, a 5 MB payload, a spoofed device:
+    each is a dead letter (or, where a flip happens to keep it valid, a stored batch); the collector
+    goes on and stores the good batch sent last."""
+    import random
+    import zlib
+
+    from agent.wire import columnar
+    from collector.service import Collector
+
+    rng = random.Random(6)
+    good_v2, ct_v2 = encode_batch("truck-5", _fixes(0, 60), 2)
+    good_v1, ct_v1 = encode_batch("truck-5", _fixes(0, 60), 1)
+    payloads: list[tuple[str, bytes, str | None]] = []
+    for _ in range(40):
+        payloads.append(("truck-5", rng.randbytes(rng.randint(0, 300)), rng.choice([None, ct_v1, ct_v2])))
+    for good, ct in ((good_v2, ct_v2), (good_v1, ct_v1)):
+        for _ in range(20):
+            payloads.append(("truck-5", good[: rng.randint(0, len(good) - 1)], rng.choice([None, ct])))
+            flipped = bytearray(good)
+            flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            payloads.append(("truck-5", bytes(flipped), ct))
+    payloads.append(("truck-5", b"\x03" + good_v2[1:], None))  # a version nobody knows yet
+    payloads.append(("truck-5", columnar.PREFIX + zlib.compress(b"\x00" * 100, 9, -15), ct_v2))
+    payloads.append(("truck-5", rng.randbytes(5 * 1024 * 1024), ct_v2))  # over the collector's size limit
+    payloads.append(("truck-6", good_v2, ct_v2))  # truck-5's batch on truck-6's topic
+
+    client = _device_client(mosquitto.port, "fuzzer", lambda m: None)
+    collector = Collector("127.0.0.1", mosquitto.port, "telematics", store=PostgresStore(pg_dsn), client_id="col-f").start()
+    try:
+        for device, payload, content_type in payloads + [("truck-7", encode_batch("truck-7", _fixes(500, 60), 2)[0], ct_v2)]:
+            props = Properties(PacketTypes.PUBLISH)
+            if content_type:
+                props.ContentType = content_type
+            client.publish(f"telematics/{device}/telemetry", payload, qos=1, properties=props).wait_for_publish(10)
+        wait_until(lambda: collector.stats()["dead_letters"] + collector.stats()["batches"] == len(payloads) + 1,
+                   timeout=30, message="every payload handled")
+        stats = collector.stats()
+    finally:
+        collector.stop()
+        client.loop_stop()
+        client.disconnect()
+    assert stats["store_errors"] == 0 and stats["dead_letters"] >= len(payloads) - 10
+    assert _rows(pg_dsn, "SELECT count(*) FROM records WHERE device = 'truck-7'") == [(60,)]
+    assert _rows(pg_dsn, "SELECT count(*) FROM records WHERE device = 'truck-6'") == [(0,)]
+    assert _rows(pg_dsn, "SELECT count(*) FROM dead_letters") == [(stats["dead_letters"],)]

@@ -145,6 +145,11 @@ def test_signal_values_are_bit_exact(records):
         assert got[r.seq] == v or (v is not None and math.isnan(v) and math.isnan(got[r.seq]))
 
 
+def test_every_fix_field_has_a_column():
+    assert sorted(f.name for f in msgspec.structs.fields(Fix)) == sorted(
+        [name for name, _ in columnar.FIX_NUMBERS] + list(columnar.FIX_TEXTS))
+
+
 def test_empty_batch():
     payload = columnar.encode("truck-7", [])
     batch = columnar.decode(payload)
