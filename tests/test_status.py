@@ -172,3 +172,55 @@ def test_power_flags_decode_every_word(tmp_path_factory, word, upper, newline):
     assert {name: flags[name] for name in THROTTLE_BITS.values()} == {
         name: bool(word & (1 << bit)) for bit, name in THROTTLE_BITS.items()
     }
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def wall(self) -> float:
+        return 1.8e9 + self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_can_frame_rates_are_derived_from_the_counters(data_dir, throttled):
+    clock = FakeClock()
+    frames = {"frames": 0, "error_frames": 2, "bus_off": 1, "state": "active"}
+    board = StatusBoard(data_dir, clock, device_id="d", throttled_path=throttled)
+    board.provide("can", lambda: {"can0": dict(frames)})
+    assert "frames_per_s" not in board.snapshot()["can"]["can0"]  # no rate from one reading
+    clock.now += 2.0
+    frames["frames"] = 1700
+    assert board.snapshot()["can"]["can0"]["frames_per_s"] == 850.0
+    clock.now += 0.2  # an LED refresh in between: too short to measure, the last rate stands
+    frames["frames"] = 1710
+    assert board.snapshot()["can"]["can0"]["frames_per_s"] == 850.0
+    clock.now += 1.0
+    frames["frames"] = 2510
+    assert board.snapshot()["can"]["can0"]["frames_per_s"] == 675.0  # (2510 - 1700) / 1.2 s
+    frames["frames"] = 5  # the source restarted its counters
+    clock.now += 1.0
+    board.snapshot()
+    clock.now += 1.0
+    frames["frames"] = 105
+    assert board.snapshot()["can"]["can0"]["frames_per_s"] == 100.0
+
+
+def test_render_of_the_sources_own_figures():
+    """Keys as the GPS and CAN sources report them: frames/error_frames/bus_off, clock_offset_s."""
+    from agent.commands.status import render
+
+    now = 1.8e9
+    out = render({
+        "state": "running", "stale": False, "updated_utc": now, "uptime_s": 5, "age_s": 0.1,
+        "gps": {"fix": True, "state": "ok", "last_fix_utc": now - 1, "clock_offset_s": -0.25},
+        "can": {"can0": {"frames": 10, "frames_per_s": 1850.0, "error_frames": 7, "bus_off": 1, "state": "active"}},
+        "ignition": {"on": False, "since_utc": now - 30}, "power_state": {"state": "run_on"},
+    })
+    assert "GPS        fix, receiver ok, last fix 1.0 s ago" in out
+    assert "CAN        can0: 1850 frames/s, 7 errors, 1 bus-off, bus active" in out
+    assert "Clock      offset -0.250 s against GPS time" in out
+    assert "Ignition   off since 30.0 s ago (power run_on)" in out
+    assert "Power_state" not in out

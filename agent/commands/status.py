@@ -101,15 +101,23 @@ def render(status: dict[str, Any]) -> str:
 
     gps = status.get("gps")
     if gps is not None:
-        fix = "fix" if gps.get("fix") else "NO FIX"
-        mode = f" {gps['mode']}D" if gps.get("mode") else ""
-        row("GPS", f"{fix}{mode}, {gps.get('satellites', '?')} satellites, last fix {_ago(now, gps.get('last_fix_utc'))}")
+        parts = [("fix" if gps.get("fix") else "NO FIX") + (f" {gps['mode']}D" if gps.get("mode") else "")]
+        if gps.get("satellites") is not None:
+            parts.append(f"{gps['satellites']} satellites")
+        if gps.get("state"):
+            parts.append(f"receiver {gps['state']}")
+        parts.append(f"last fix {_ago(now, gps.get('last_fix_utc'))}")
+        row("GPS", ", ".join(parts))
     can = status.get("can")
     if can is not None:
         buses = [(name, bus) for name, bus in sorted(can.items()) if isinstance(bus, dict)]
         for name, bus in buses or [("-", {})]:
-            row("CAN", f"{name}: {bus.get('frames_per_s', 0):.0f} frames/s, {bus.get('errors', 0)} errors"
-                + (f", bus {bus['state']}" if bus.get("state") else ""))
+            rate = bus.get("frames_per_s")
+            text = f"{name}: " + (f"{rate:.0f} frames/s" if rate is not None else f"{bus.get('frames', 0)} frames")
+            text += f", {bus.get('errors', bus.get('error_frames', 0))} errors"
+            if bus.get("bus_off"):
+                text += f", {bus['bus_off']} bus-off"
+            row("CAN", text + (f", bus {bus['state']}" if bus.get("state") else ""))
     buffer = status.get("buffer")
     if buffer is not None:
         oldest = buffer.get("oldest_utc")
@@ -128,6 +136,8 @@ def render(status: dict[str, Any]) -> str:
     if versions:
         row("Versions", ", ".join(versions))
     clock = status.get("clock")
+    if clock is None and gps is not None and "clock_offset_s" in gps:
+        clock = {"offset_s": gps["clock_offset_s"], "source": "GPS time"}
     if clock is not None:
         offset = clock.get("offset_s")
         text = f"offset {offset:+.3f} s" if offset is not None else "offset unknown (no GPS time yet)"
@@ -143,13 +153,17 @@ def render(status: dict[str, Any]) -> str:
         row("Power", text + (f" (get_throttled {power['get_throttled']})" if "get_throttled" in power else ""))
     ignition = status.get("ignition")
     if ignition is not None:
-        row("Ignition", ("on" if ignition.get("on") else "off") + f" since {_ago(now, ignition.get('since_utc'))}")
+        run_on = (status.get("power_state") or {}).get("state")
+        row("Ignition", ("on" if ignition.get("on") else "off") + f" since {_ago(now, ignition.get('since_utc'))}"
+            + (f" (power {run_on})" if run_on else ""))
     counters = dict(status.get("counters") or {})
     if buffer is not None and "dropped_total" in buffer:
         counters.setdefault("dropped_by_buffer", buffer["dropped_total"])
     if counters:
         row("Records", ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
     shown |= {"gps", "can", "buffer", "broker", "config", "geofences", "clock", "power", "ignition", "counters"}
+    if ignition is not None:
+        shown.add("power_state")
     for name in sorted(set(status) - shown):
         value = status[name]
         text = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)

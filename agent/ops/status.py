@@ -49,6 +49,13 @@ def read_power_flags(path: str | Path = THROTTLED_PATH) -> dict[str, Any] | None
     return {"get_throttled": f"0x{word:x}", **flags}
 
 
+# Counters turned into rates for the status: (section, counter) -> rate key, in every per-bus
+# object of the section, e.g. can.can0.frames -> can.can0.frames_per_s.
+RATES = {("can", "frames"): "frames_per_s"}
+# Rates are measured over at least this long (LEDs and the status command also take snapshots).
+RATE_MIN_INTERVAL_S = 1.0
+
+
 class StatusBoard:
     """Thread-safe collection of status sections, periodically written to ``{data_dir}/status.json``."""
 
@@ -74,6 +81,8 @@ class StatusBoard:
         self._device_id = device_id
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._rate_base: dict[tuple[str, str, str], tuple[float, float]] = {}
+        self._rates: dict[tuple[str, str, str], float] = {}
 
     def update(self, section: str, **values: Any) -> None:
         """Set ``values`` in ``section`` (created when new); values must be JSON-serialisable."""
@@ -104,6 +113,7 @@ class StatusBoard:
         power = read_power_flags(self.throttled_path)
         if power is not None:
             sections.setdefault("power", {}).update(power)
+        self._add_rates(sections)
         return {
             "state": state,
             "device_id": self._device_id,
@@ -115,6 +125,23 @@ class StatusBoard:
             "interval_s": self.interval_s,
             **sections,
         }
+
+    def _add_rates(self, sections: dict[str, Any]) -> None:
+        now = self.clock.monotonic()
+        with self._lock:
+            for (section, counter), rate_key in RATES.items():
+                for name, values in (sections.get(section) or {}).items():
+                    if not isinstance(values, dict) or not isinstance(values.get(counter), (int, float)):
+                        continue
+                    key = (section, name, counter)
+                    base = self._rate_base.get(key)
+                    if base is None or values[counter] < base[1]:  # first sight, or the counter restarted
+                        self._rate_base[key] = (now, values[counter])
+                    elif now - base[0] >= RATE_MIN_INTERVAL_S:
+                        self._rates[key] = round((values[counter] - base[1]) / (now - base[0]), 1)
+                        self._rate_base[key] = (now, values[counter])
+                    if key in self._rates and rate_key not in values:
+                        values[rate_key] = self._rates[key]
 
     def write(self, state: str = "running") -> None:
         """Write status.json now (temp file and rename: readers see the old or the new file)."""
