@@ -78,6 +78,7 @@ class Agent:
         self.edge = None
         self.fix_filter = None
         self.remote = None
+        self.updater = None
         self.pipeline: Pipeline | None = None
         self.sources: list[Source] = []
         self._pinger = None
@@ -152,6 +153,7 @@ class Agent:
         for source in self.sources:
             self._spawn(f"source-{source.name}", source.run, self.pipeline.emit, self._source_stop)
         self._start_device_io()
+        self._start_updater()
         self._start_remote()
         self.board.start()
         self._notifier = Notifier()
@@ -219,6 +221,15 @@ class Agent:
             leds = StatusLeds(gpio, self.board, pin_factory=self.pin_factory)
             self._spawn("leds", leds.run, self._ops_stop)
 
+    def _start_updater(self) -> None:
+        """Over-the-air updates (agent/ota): reports a trial or an outcome first, then serves ``update``."""
+        if not self.config.update.enabled:
+            return
+        from agent.ota.update import Updater
+
+        self.updater = Updater(self.config, self.config_path, self.link, self.pipeline.emit, self.clock)
+        self.updater.start()
+
     def _start_remote(self) -> None:
         if not self.config.remote.enabled or self.config_path is None:
             return
@@ -234,6 +245,7 @@ class Agent:
             restart=self._restart,
             parse_fences=GeofenceSet.from_geojson,
             replace_fences=self._replace_fences,
+            update=self.updater.handle if self.updater is not None else None,
         )
         self.remote.start_listening()
         self._spawn("remote", self.remote.run, self._ops_stop)
@@ -274,6 +286,8 @@ class Agent:
         if self._notifier is not None:
             self._notifier.stopping()
         self._ops_stop.set()
+        if self.updater is not None:  # it emits into the pipeline: stops before it
+            self.updater.close()
         self._source_stop.set()
         self._join(lambda t: t.name.startswith("source-"), timeout)
         self._pipeline_stop.set()

@@ -207,3 +207,89 @@ def test_the_outcome_of_the_install_step_is_reported_once(ota_releases, tmp_path
         assert not Updater(config, path, None, emitted.append, SystemClock()).report_outcome()
     finally:
         updater.close()
+
+
+# -- the whole update on an installed agent ------------------------------------------------------
+
+
+def collected(db: Path) -> list[tuple[int, str, dict]]:
+    """(seq, kind, payload) of everything the collector stored, by seq."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        rows = conn.execute("SELECT seq, kind, data FROM records WHERE device = 'truck-1' ORDER BY seq").fetchall()
+    return [(seq, kind, json.loads(data)) for seq, kind, data in rows]
+
+
+def types_in(db: Path) -> list[str]:
+    return [data.get("type") for _, kind, data in collected(db) if kind in ("event", "status")]
+
+
+@pytest.mark.slow
+def test_install_then_a_broken_update_rolls_back_and_a_working_one_stays(ota_releases, tmp_path, mosquitto):
+    from agent.buffer.store import DurableBuffer
+    from agent.config import BufferConfig
+    from agent.record import Fix, Record
+    from collector.service import Collector
+    from device_helpers import install
+
+    root = tmp_path / "root"
+    install("--root", str(root), "--wheelhouse", str(ota_releases.deps()))
+    install_root = root / "opt" / "telematics-agent"
+    health_timeout = 90.0
+    config_path, config = make_config(tmp_path, ota_releases, mosquitto.port, install_root=str(install_root),
+                                      health_timeout_s=health_timeout, max_restarts=3)
+    layout = Layout(install_root, root / "etc" / "systemd" / "system")
+    data = Path(config.device.data_dir)
+    # Telemetry the collector has not confirmed yet: it must survive both updates.
+    with DurableBuffer(data, BufferConfig(), SystemClock()) as buffer:
+        buffer.append([Record(utc=1.7e9 + i, mono=float(i), data=Fix(lat=48.0, lon=11.0 + i * 1e-5)) for i in range(200)])
+        buffer.flush()
+    collector = Collector("127.0.0.1", mosquitto.port, "telematics", tmp_path / "collector.sqlite")
+    supervisor = Supervisor(install_root, config_path, tmp_path).start()
+    try:
+        wait_until(lambda: supervisor.ready_pids, 60, message="the factory version's READY=1")
+
+        # A release that cannot start: a crash loop, rolled back well within the health timeout.
+        started = time.monotonic()
+        state = apply_update(ota_releases.release("0.3.0", broken=True), config, str(config_path), layout, supervisor)
+        assert state["outcome"] == "rolled_back" and state["version"] == "0.3.0" and state["previous"] == __version__
+        assert time.monotonic() - started < health_timeout
+        assert state["reason"].startswith("crash loop")
+        assert "telematics_module_that_does_not_exist" in state["log_tail"]
+        assert layout.current_link() == "."
+        dropin = (root / "etc/systemd/system/telematics-agent.service.d/ota.conf").read_text()
+        assert f"ExecStart={install_root}/current/bin/telematics-agent run --config {config_path}" in dropin
+        ready_before = len(supervisor.ready_pids)
+        wait_until(lambda: len(supervisor.ready_pids) > ready_before or supervisor.state().active, 60,
+                   message="the previous version back")
+
+        # The collector comes up: everything buffered before the failed update arrives, once.
+        collector.start()
+        wait_until(lambda: {1, 200} <= {seq for seq, _, _ in collected(collector.db_path)}, 60,
+                   message="the buffered fixes delivered")
+        seqs = [seq for seq, _, _ in collected(collector.db_path)]
+        assert set(range(1, 201)) <= set(seqs)
+        wait_until(lambda: "update_rolled_back" in types_in(collector.db_path), 30,
+                   message="the rollback reported by the version that came back")
+
+        # The working release: proves itself healthy and stays.
+        state = apply_update(ota_releases.release("0.2.0"), config, str(config_path), layout, supervisor)
+        assert state["outcome"] == "applied", state
+        assert layout.current_link() == "versions/0.2.0"
+        assert json.loads((data / "status.json").read_text())["version"] == "0.2.0"
+        wait_until(lambda: "update_applied" in types_in(collector.db_path), 30, message="the applied event")
+        kinds = types_in(collector.db_path)
+        assert kinds.index("update_trial") < kinds.index("update_applied")
+        applied = next(d["attrs"] for _, _, d in collected(collector.db_path) if d.get("type") == "update_applied")
+        assert applied["version"] == "0.2.0" and applied["previous"] == __version__
+        rolled = next(d["attrs"] for _, _, d in collected(collector.db_path) if d.get("type") == "update_rolled_back")
+        assert rolled["version"] == "0.3.0" and "telematics_module_that_does_not_exist" in rolled["log_tail"]
+        # Still nothing lost, nothing twice.
+        seqs = [seq for seq, _, _ in collected(collector.db_path)]
+        assert len(seqs) == len(set(seqs)) and set(range(1, 201)) <= set(seqs)
+        # The failed version's directory stays until pruned; the good one is complete.
+        assert layout.is_installed("0.2.0")
+    finally:
+        supervisor.close()
+        collector.stop()

@@ -57,10 +57,10 @@ class Updater:
     ``emit(record)`` hands an event to the pipeline; ``link`` publishes and subscribes (MqttLink).
     """
 
-    def __init__(self, config: Config, config_path: str | Path, link: Any, emit: Callable[[Record], None],
+    def __init__(self, config: Config, config_path: str | Path | None, link: Any, emit: Callable[[Record], None],
                  clock: Clock) -> None:
         self.config = config
-        self.config_path = Path(config_path)
+        self.config_path = config_path
         self.link = link
         self.emit = emit
         self.clock = clock
@@ -123,8 +123,6 @@ class Updater:
     def handle(self, args: dict[str, Any]) -> dict[str, Any]:
         """Check an ``update`` request and start it in the background; ValueError says why not."""
         request = parse_request(args)
-        if not self.config.update.enabled:
-            raise ValueError("updates are disabled on this device (update.enabled: false)")
         try:
             check_version(request["version"], floor_version(self.config))
         except UpdateRefused as exc:
@@ -191,8 +189,8 @@ class Updater:
     def launch_apply(self, archive: Path) -> subprocess.Popen:
         """Start the root-only apply step, detached: it outlives this process's restart."""
         exe = Path(sys.prefix) / "bin" / "telematics-agent"
-        argv = [*self.config.update.apply_launcher, str(exe), "update", "apply", "--config", str(self.config_path),
-                str(archive)]
+        config = ["--config", str(self.config_path)] if self.config_path else []
+        argv = [*self.config.update.apply_launcher, str(exe), "update", "apply", *config, str(archive)]
         log.info("starting the install step: %s", " ".join(argv))
         return subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
 
