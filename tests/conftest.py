@@ -162,3 +162,26 @@ def ota_releases(tmp_path_factory):
     from ota_helpers import ReleaseFactory
 
     return ReleaseFactory(tmp_path_factory.mktemp("ota-releases"))
+
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_dsn():
+    """A DSN for PostgreSQL's database ``test`` on 127.0.0.1:5432 whose search_path is a fresh schema,
+    dropped afterwards. Skipped without a server on a user's machine, a failure in CI."""
+    psycopg = pytest.importorskip("psycopg")
+    import uuid
+
+    try:
+        admin = psycopg.connect(POSTGRES, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but PostgreSQL is not reachable at {POSTGRES}: {exc}")
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES}")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()

@@ -32,7 +32,6 @@ psycopg = pytest.importorskip("psycopg")
 from collector.store_pg import PostgresStore  # noqa: E402
 
 from conftest import wait_until  # noqa: E402
-from pg_helpers import pg_dsn  # noqa: E402,F401 - a fixture
 
 def _fixes(device_seq0: int, n: int, t0: float = 1_772_440_200.0) -> list[Record]:
     return [Record(utc=t0 + i, mono=0.0, seq=device_seq0 + i,

@@ -28,7 +28,6 @@ from agent.record import Record
 from agent.wire import encode_batch
 
 from conftest import MosquittoBroker, wait_until
-from pg_helpers import pg_dsn  # noqa: F401 - a fixture
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -76,7 +75,7 @@ def broker(tmp_path):
     mosquitto.stop()
 
 
-def test_two_collectors_share_a_fleet_of_1000_devices(pg_dsn, broker, tmp_path):  # noqa: F811
+def test_two_collectors_share_a_fleet_of_1000_devices(pg_dsn, broker, tmp_path):
     mosquitto = broker
     plan = _batches()
     expected = {(dev, first + i) for dev, bs in plan.items() for first, _, _ in bs for i in range(PER_BATCH)}
