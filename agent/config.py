@@ -395,6 +395,18 @@ class CanConfig(_Section):
             raise ValueError("bitrate 0 (detect) needs a listen-only bus: set the bitrate or allow_transmit: false")
 
 
+class RecordConfig(_Section):
+    """Recording of the raw NMEA and CAN the agent receives (agent/ops/recorder.py, docs/recording.md)."""
+
+    enabled: bool = False
+    dir: str = "/var/lib/telematics-agent/recordings"
+    nmea: bool = True  # nmea-<UTC>.nmea: the bytes exactly as read from the GPS port
+    can: bool = True  # can-<UTC>.log: candump -L lines of every frame received
+    # A file is closed and a new one begun past this size; the oldest are deleted past the total.
+    max_file_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 * 1024 * 1024
+    max_total_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 256 * 1024 * 1024
+
+
 class Config(_Section):
     """The whole agent configuration."""
 
@@ -411,6 +423,7 @@ class Config(_Section):
     certificates: CertificatesConfig = msgspec.field(default_factory=CertificatesConfig)
     edge: EdgeConfig = msgspec.field(default_factory=EdgeConfig)
     can: CanConfig | None = None  # None: no CAN source
+    record: RecordConfig = msgspec.field(default_factory=RecordConfig)
 
 
 class ConfigError(Exception):

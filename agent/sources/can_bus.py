@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import can
 
@@ -78,6 +79,9 @@ class CanSource:
         self.state = "closed"  # closed, up, bus_off, down
         self.bitrate: int | None = self.bus_config.bitrate or None
         self._bus: can.BusABC | None = None
+        # Raw-tap hook: called with every frame received and this bus's name (the recorder,
+        # agent/ops/recorder.py); None costs one comparison per frame.
+        self.on_frame: Callable[[can.Message, str], None] | None = None
 
     def _mono(self, t: float) -> float:
         return self.clock.monotonic() - (self.clock.wall() - t)
@@ -180,6 +184,7 @@ class CanSource:
     def _pump(self, bus: can.BusABC, emit: Emit, stop: threading.Event, first: can.Message | None = None) -> None:
         feed = self.sampler.feed
         counts = self._counts
+        on_frame = self.on_frame
         next_tick = 0.0
         timeout = 0.01 if self.polling else 0.2
         while not stop.is_set():
@@ -188,6 +193,8 @@ class CanSource:
             n = 0
             while msg is not None:
                 n += 1
+                if on_frame is not None:
+                    on_frame(msg, self.bus_config.name)
                 if msg.is_error_frame:
                     self._error_frame(msg)
                 elif not msg.is_remote_frame:

@@ -17,6 +17,7 @@ import datetime as _dt
 import logging
 import select
 import threading
+from typing import Callable
 
 from agent.clock import Clock
 from agent.config import GpsConfig
@@ -60,6 +61,8 @@ class GpsSerialSource:
         self._unproven = 0  # bytes read at the current rate, while no sentence has had a valid checksum
         self.output = GpsOutput(config, clock, self.stats, config.port)
         self._epochs_seen = 0
+        # Raw-tap hook: called with every chunk read from the port (the recorder, agent/ops/recorder.py).
+        self.on_raw: Callable[[bytes], None] | None = None
 
     def run(self, emit: Emit, stop: threading.Event) -> None:
         """Read until ``stop`` is set; reopen the port whenever it fails."""
@@ -115,6 +118,8 @@ class GpsSerialSource:
             if data:
                 quiet = False
                 self.stats["bytes"] = int(self.stats["bytes"]) + len(data)
+                if self.on_raw is not None:
+                    self.on_raw(data)
                 self.output.data()
                 wall = self.clock.wall()
                 self.decoder.set_reference_utc(wall if wall >= self._floor else None)
