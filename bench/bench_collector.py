@@ -63,7 +63,8 @@ class Devices:
     def __init__(self, port: int) -> None:
         self.acked: dict[tuple[str, int], float] = {}  # (device, last seq of a batch) -> arrival
         self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-devices", protocol=MQTTProtocolVersion.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id="bench-devices", protocol=MQTTProtocolVersion.MQTTv5)
         self.client.max_inflight_messages_set(1000)
         self.client.on_message = self._on_ack
         subscribed = threading.Event()

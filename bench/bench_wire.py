@@ -50,7 +50,9 @@ SIGNALS = ("EngineSpeed", "WheelBasedVehicleSpeed", "EngineFuelRate", "ActualEng
 # an I/O element is its 1-byte id plus a 1/2/4/8-byte value. A packet adds preamble 4, data length 4,
 # codec id 1, two record counts 2 and CRC 4 = 15 bytes.
 CODEC8_RECORD, CODEC8_PACKET = 30, 15
-CODEC8_IO = {"EngineSpeed": 1 + 2, "WheelBasedVehicleSpeed": 1 + 2, "EngineFuelRate": 1 + 4, "ActualEnginePercentTorque": 1 + 1}
+CODEC8_IO = {
+    "EngineSpeed": 1 + 2, "WheelBasedVehicleSpeed": 1 + 2, "EngineFuelRate": 1 + 4, "ActualEnginePercentTorque": 1 + 1,
+}
 
 
 def _varint_len(n: int) -> int:
@@ -68,7 +70,9 @@ def publish_size(payload: bytes, content_type: str, records: int, lean: bool, fi
         topic = TOPIC if first else ""  # MQTT 5.0 section 3.3.2.3.4: the alias stands for the topic
     else:  # as agent/publish/mqtt_link.py sends a live batch
         version = content_type.split(".v", 1)[1][:1]
-        props.UserProperty = [("format", FORMAT_NAME), ("version", version), ("records", str(records)), ("backlog", "0")]
+        props.UserProperty = [
+            ("format", FORMAT_NAME), ("version", version), ("records", str(records)), ("backlog", "0"),
+        ]
     remaining = 2 + len(topic.encode()) + 2 + len(props.pack()) + len(payload)
     return 1 + _varint_len(remaining) + remaining
 
@@ -97,7 +101,8 @@ def delivery_drive() -> tuple[list[Record], int]:
         for name in SIGNALS:
             if name in latest:
                 value, unit = latest[name]
-                records.append(Record(utc=utc, mono=0.0, data=Signal(name=name, value=value, unit=unit, source="can0"), seq=len(records)))
+                signal = Signal(name=name, value=value, unit=unit, source="can0")
+                records.append(Record(utc=utc, mono=0.0, data=signal, seq=len(records)))
     return records, len(fixes)
 
 
@@ -109,7 +114,9 @@ def sizes(records: list[Record], epochs: int) -> dict[str, float]:
     v1 = [encode_batch(DEVICE, b, 1) for b in batches]
     n = len(records)
     out["v2 payload"] = sum(len(p) for p, _ in v2) / n
-    out["v2 PUBLISH, publisher's properties"] = sum(publish_size(p, ct, len(b), False, False) for (p, ct), b in zip(v2, batches)) / n
+    out["v2 PUBLISH, publisher's properties"] = sum(
+        publish_size(p, ct, len(b), False, False) for (p, ct), b in zip(v2, batches)
+    ) / n
     out["v2 PUBLISH, lean (alias, content type)"] = sum(
         publish_size(p, ct, len(b), True, i == 0) for i, ((p, ct), b) in enumerate(zip(v2, batches))
     ) / n
@@ -123,7 +130,9 @@ def sizes(records: list[Record], epochs: int) -> dict[str, float]:
         for level in (3, 9, 19):
             zstd = zstandard.ZstdCompressor(level=level, write_checksum=False)
             out[f"v2 body with zstd -{level} instead of DEFLATE"] = sum(1 + len(zstd.compress(b)) for b in bodies) / n
-    out["v1 PUBLISH (zlib JSON batch)"] = sum(publish_size(p, ct, len(b), False, False) for (p, ct), b in zip(v1, batches)) / n
+    out["v1 PUBLISH (zlib JSON batch)"] = sum(
+        publish_size(p, ct, len(b), False, False) for (p, ct), b in zip(v1, batches)
+    ) / n
     json_sizes = [len(msgspec.json.encode({k: v for k, v in to_json_dict(r).items() if v is not None})) for r in records]
     out["per-record JSON payload"] = sum(json_sizes) / n
     out["per-record JSON PUBLISH (alias, content type)"] = sum(

@@ -36,7 +36,8 @@ def _maybe(strategy):
 
 def _gps_like(lo: float, hi: float, places: int):
     """Values as a receiver gives them: decimal steps, so both coarse and fine scales get exercised."""
-    return st.one_of(st.floats(lo, hi), st.integers(round(lo * 10**places), round(hi * 10**places)).map(lambda k: k / 10**places))
+    steps = st.integers(round(lo * 10**places), round(hi * 10**places)).map(lambda k: k / 10**places)
+    return st.one_of(st.floats(lo, hi), steps)
 
 
 fixes = st.builds(

@@ -391,7 +391,8 @@ def _col_values(col: _Col, n: int, is_int: bool) -> list[Any]:
         if len(col.data) > count:
             raise WireError(f"v2: a column holds {len(col.data)} values for {count} records")
         if not (0 <= col.order <= 2 and col.gcd >= 1 and col.modulus >= 0):
-            raise WireError(f"v2: column parameters out of range: order {col.order}, gcd {col.gcd}, modulus {col.modulus}")
+            raise WireError(
+                f"v2: column parameters out of range: order {col.order}, gcd {col.gcd}, modulus {col.modulus}")
         if not (col.scale > 0 and math.isfinite(col.scale)):
             raise WireError(f"v2: column scale {col.scale!r} is not a positive finite number")
         ints = col.data if col.gcd == 1 else col.data[:1] + [d * col.gcd for d in col.data[1:]]
