@@ -61,6 +61,7 @@ class NmeaReplay:
         today: _dt.date | None = None,
         progress: Progress | None = None,
         drain_timeout_s: float = 10.0,
+        wait_reader: bool = True,
     ) -> None:
         if speed <= 0 or baud <= 0:
             raise ValueError("speed and baud must be positive")
@@ -71,6 +72,7 @@ class NmeaReplay:
         self.loop = loop
         self.progress = progress
         self.drain_timeout_s = drain_timeout_s
+        self.wait_reader = wait_reader
         self.start_s = start_s
         self.end_s = self.timeline.duration_s if end_s is None else min(end_s, self.timeline.duration_s)
         days = 0
@@ -86,6 +88,7 @@ class NmeaReplay:
         self.bytes_written = 0
         self._master: int | None = None
         self._slave: int | None = None
+        self._pty_path: str | None = None
         self._link: Path | None = None
 
     @property
@@ -98,7 +101,11 @@ class NmeaReplay:
         self._master, self._slave = os.openpty()
         tty.setraw(self._slave)
         os.set_blocking(self._master, False)
-        path = os.ttyname(self._slave)
+        path = self._pty_path = os.ttyname(self._slave)
+        if self.wait_reader:
+            # Let go of the slave side: until a reader opens it, the master reports a hang-up.
+            os.close(self._slave)
+            self._slave = None
         if link is not None:
             self._link = Path(link)
             if self._link.is_symlink():
@@ -107,11 +114,13 @@ class NmeaReplay:
         return path
 
     def run(self, stop: threading.Event | None = None, clock: DriveClock | None = None) -> None:
-        """Write the capture (every pass when looping) until done or ``stop`` is set, then wait for the
-        reader to drain the pty (at most ``drain_timeout_s``)."""
+        """Wait for a reader (unless ``wait_reader`` is off), write the capture (every pass when looping)
+        until done or ``stop`` is set, then wait for the reader to drain the pty (at most ``drain_timeout_s``)."""
         if self._master is None:
             raise RuntimeError("open_pty() first")
         stop = stop or threading.Event()
+        if not self.wait_for_reader(stop):
+            return
         clock = clock or DriveClock(self.speed)
         byte_s = BITS_PER_BYTE / self.baud
         wire_free = 0.0
@@ -137,6 +146,24 @@ class NmeaReplay:
                 break
             pass_start += self.duration_s + LOOP_GAP_S
         self._drain(stop)
+
+    def wait_for_reader(self, stop: threading.Event) -> bool:
+        """Block until a process has opened the pty (True) or ``stop`` is set (False).
+
+        pyserial flushes a port's input when it opens it, so a drive written before the agent
+        opened the pty would lose its start. Once a reader came, the replay holds the slave side
+        open itself, so the pty outlives a reader that closes and reopens it.
+        """
+        if self._slave is not None:
+            return True
+        poller = select.poll()
+        poller.register(self._master, select.POLLOUT)
+        while any(events & select.POLLHUP for _, events in poller.poll(0)):
+            if stop.wait(0.02):
+                return False
+        log.info("a reader opened %s", self._pty_path)
+        self._slave = os.open(self._pty_path, os.O_RDWR | os.O_NOCTTY)
+        return True
 
     def pending(self) -> int:
         """Bytes written into the pty that no reader has taken yet."""
@@ -264,10 +291,12 @@ class Replay:
         can_bus: can.BusABC | None = None,
         slcan: bool = False,
         progress: Progress | None = None,
+        wait_readers: bool = True,
     ) -> None:
         if nmea is None and can_path is None:
             raise ValueError("nothing to replay")
         self.nmea = nmea
+        self.wait_readers = wait_readers
         self.adapter = SlcanAdapter() if slcan and can_path is not None else None
         self.can: CanReplay | None = None
         if can_path is not None:
@@ -291,6 +320,12 @@ class Replay:
     def run(self, stop: threading.Event | None = None, speed: float | None = None) -> None:
         """Replay both until done (or ``stop``); NMEA on this thread, CAN on a helper thread."""
         stop = stop or threading.Event()
+        # The drive starts when its readers are there: the NMEA pty opened, the slcan channel opened.
+        if self.nmea is not None and not self.nmea.wait_for_reader(stop):
+            return
+        while self.wait_readers and self.adapter is not None and not self.adapter.is_open:
+            if stop.wait(0.02):
+                return
         clock = DriveClock(speed or (self.nmea.speed if self.nmea else 1.0))
         worker = None
         if self.can is not None:
@@ -355,6 +390,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--end", type=float, default=None, metavar="S", help="stop S seconds into the drive")
     parser.add_argument("--link", metavar="PATH", help="create a symlink PATH to the NMEA pty (e.g. /tmp/gps0)")
     parser.add_argument("--can-link", metavar="PATH", help="create a symlink PATH to the slcan pty")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="start at once instead of when the readers have opened the ptys (what they miss is lost)")
     parser.add_argument("--progress", action="store_true", help="draw a progress bar on stderr even when it is not a terminal")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -381,11 +418,12 @@ def run(args: argparse.Namespace) -> int:
                 start_s=args.start,
                 end_s=args.end,
                 progress=bar,
+                wait_reader=not args.no_wait,
             )
             if args.nmea
             else None
         )
-        replay = Replay(nmea, args.can, slcan=True, progress=bar)
+        replay = Replay(nmea, args.can, slcan=True, progress=bar, wait_readers=not args.no_wait)
     except OSError as exc:
         raise CommandError(f"cannot read the capture: {exc.strerror or exc}") from exc
     except ValueError as exc:

@@ -209,6 +209,7 @@ def test_cli_prints_the_pty_first_links_it_and_exits_0_after_the_reader_drained(
     assert first.startswith("pty: /dev/pts/")
     pty_path = first.split(": ", 1)[1].strip()
     assert link.resolve() == Path(pty_path)
+    time.sleep(0.5)  # an agent that takes its time to open the port
     port = serial.Serial(str(link), 9600, timeout=0.2)
     data = b""
     try:
@@ -219,7 +220,8 @@ def test_cli_prints_the_pty_first_links_it_and_exits_0_after_the_reader_drained(
     port.close()
     assert proc.wait(10) == 0
     assert proc.stderr.read().rstrip().endswith("] 00:02 of 00:02, 00:00 left")  # the progress bar's last state
-    assert data.count(b"$GPRMC") >= 2  # the first lines may go before pyserial opened the port (it flushes)
+    assert data.startswith(b"$GPRMC,100000.00,")  # the replay waited for the reader: nothing lost at the start
+    assert data.count(b"$GPRMC") == 3
     rmc = [line for line in data.decode("ascii", "replace").splitlines() if line.startswith("$GPRMC") and nmea_writer.checksum_ok(line)]
     assert nmea_writer.time_of_day(rmc[-1]) == 36002.0  # the reader drained it all before the replay exited
     assert nmea_writer.sentence_date(rmc[-1]) == _dt.datetime.now(_dt.timezone.utc).date()
@@ -260,3 +262,34 @@ def test_every_corpus_capture_loads_with_a_monotonic_schedule_and_dates_move_cle
     tahoe = load_nmea(corpus / "drives" / "dotmorten_NmeaSampleData.txt")
     # The Reno-Tahoe drive crosses midnight UTC: its schedule runs on through it.
     assert 140 * 60 < tahoe.duration_s < 170 * 60
+
+
+def test_the_drive_waits_for_a_reader_and_a_stop_ends_the_wait(tmp_path):
+    path = _capture(tmp_path, DAY, [(10, 0, s) for s in range(2)])
+    replay = NmeaReplay(path, speed=50, keep_dates=True)
+    pty_path = replay.open_pty()
+    stop = threading.Event()
+    worker = threading.Thread(target=replay.run, args=(stop,))
+    worker.start()
+    time.sleep(0.3)
+    assert worker.is_alive() and replay.bytes_written == 0  # nobody has opened the pty yet
+    port = serial.Serial(pty_path, 9600, timeout=0.2)
+    data = b""
+    while b"100001.00" not in data:
+        chunk = port.read(4096)
+        assert chunk, "the replay did not start when the reader came"
+        data += chunk
+    assert data.startswith(b"$GPRMC,100000.00,")
+    worker.join(10)
+    port.close()
+    replay.close()
+
+    idle = NmeaReplay(path, speed=50)
+    idle.open_pty()
+    waiting = threading.Thread(target=idle.run, args=(stop,))
+    waiting.start()
+    time.sleep(0.1)
+    stop.set()
+    waiting.join(2)
+    assert not waiting.is_alive() and idle.bytes_written == 0
+    idle.close()

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from agent.record import iso_utc
@@ -35,7 +34,8 @@ def _config(tmp_path: Path, port: int, reporting: bool) -> dict:
             "reporting": {"enabled": reporting}}
     return {
         "device": {"id": "bench-box", "data_dir": str(tmp_path / "agent-data")},
-        "gps": {"baud": BAUD},
+        # The drive keeps its recorded dates (to compare times with process): not "too old" for the fix filter.
+        "gps": {"baud": BAUD, "filter": {"max_age_s": 1e10}},
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "telematics", "ack_timeout_s": 5},
         "buffer": {"commit_window_s": 0.2},
         "edge": edge,
@@ -104,8 +104,6 @@ def test_every_fix_of_the_replay_is_the_fix_process_decodes(tmp_path, mosquitto,
     assert got == want, log[-2000:]
 
 
-@pytest.mark.xfail(reason="agent.app does not wire the edge processors into `run` yet (build_processors returns [])",
-                   strict=False)
 def test_events_and_reported_fixes_of_the_replay_are_what_process_reports(tmp_path, mosquitto, collector_sqlite):
     config = _config(tmp_path, mosquitto.port, reporting=True)
 
@@ -118,6 +116,9 @@ def test_events_and_reported_fixes_of_the_replay_are_what_process_reports(tmp_pa
     got = [key(r) for r in stored if r.get("type") not in GPS_HEALTH]
     want_events = [k for k in want if k[0] == "event"]
     assert sorted(k for k in got if k[0] == "event") == sorted(want_events), log[-2000:]
-    # Every fix process reports, the live agent reported too (it may add one when it stops).
+    # Every fix process reports, the live agent reported too, but for the capture's last fix: process
+    # flushes it at the end of its input, which a live agent cannot see coming.
     got_fixes = {k for k in got if k[0] == "fix"}
-    assert [k for k in want if k[0] == "fix" and k not in got_fixes] == []
+    want_fixes = [k for k in want if k[0] == "fix"]
+    assert len(want_fixes) > 20
+    assert [k for k in want_fixes if k not in got_fixes] in ([], [want_fixes[-1]])
