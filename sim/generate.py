@@ -57,6 +57,9 @@ EDGE_SETTINGS = {
                 "min_speed_kmh": 15.0, "overspeed_min_s": 10.0, "overspeed_end_s": 5.0},
 }
 CUSTOMER_RADIUS_M = 40.0
+APPROACH_FROM_REST_S = 20.0  # window for an approach that begins by pulling away inside its radius
+YARD_DEPTH_M = 120.0  # the yard reaches this far ahead of its gate along the route
+YARD_HALF_WIDTH_M = 30.0
 CUSTOMER_DWELL_S = 120.0  # per-fence geofence_dwell threshold of the customer stops
 
 
@@ -68,6 +71,8 @@ class Plan:
     harsh_brake_at: float | str | None = None  # or AUTO
     speed_zone: tuple[float, float, float] | str | None = None  # (from, to, limit_kmh) or AUTO; driven 12 km/h over
     dropouts: list[tuple[float, float]] = field(default_factory=list)  # (at, seconds without a fix)
+    # (at, dwell_s): the van waits with its GPS antenna on the back edge of a yard fence, then drives in.
+    gate: tuple[float, float] | None = None
     cruise_kmh: tuple[float, float] = (38.0, 48.0)  # each route segment's cruise speed is drawn from this
     pre_idle_s: float = 20.0
     post_park_s: float = 10.0
@@ -138,7 +143,7 @@ def build(waypoints: list[tuple[float, float]], plan: Plan, seed: int = 1, start
     route = Route(waypoints)
     plan = _place_auto(plan, route)
     length = route.length_m
-    places = sorted(plan.stops)
+    places = sorted(plan.stops + ([(plan.gate[0], plan.gate[1], None)] if plan.gate else []))
     stops = [Stop(at * length, dwell, name) for at, dwell, name in places]
     if any(not 0.02 < at < 0.98 for at, _, _ in places):
         raise ValueError("stops must lie between 2% and 98% of the route")
@@ -154,7 +159,7 @@ def build(waypoints: list[tuple[float, float]], plan: Plan, seed: int = 1, start
     truth = simulate(route, profile, stops, plan.pre_idle_s, plan.post_park_s)
     start_utc = _dt.datetime.fromisoformat(start.replace("Z", "+00:00")).timestamp()
     dropouts = [(float(np.interp(at * length, truth.s, truth.t)), seconds) for at, seconds in plan.dropouts]
-    fences = _fences(route, truth, zone_m)
+    fences = _fences(route, truth, zone_m, None if plan.gate is None else plan.gate[0] * length)
     fixes = _gps(truth, rng, dropouts)
     return Drive(route, plan, truth, start_utc, fences, zone_m, dropouts, fixes)
 
@@ -267,8 +272,9 @@ def can_lines(drive: Drive, channel: str = "can0") -> list[str]:
 # ------------------------------------------------------------------------------------------- fences
 
 
-def _fences(route: Route, truth: Truth, zone_m: tuple[float, float, float] | None) -> list[dict]:
-    """GeoJSON features: a depot square at the route's end, a circle per customer, the speed zone."""
+def _fences(route: Route, truth: Truth, zone_m: tuple[float, float, float] | None, gate_m: float | None) -> list[dict]:
+    """GeoJSON features: a depot square at the route's end, a circle per customer, the speed zone,
+    and the yard whose back edge runs through where the van waits at its gate."""
     features = []
     end_x, end_y = float(route.x[-1]), float(route.y[-1])
     depot = Point(end_x, end_y).buffer(40.0, cap_style="square")
@@ -292,8 +298,17 @@ def _fences(route: Route, truth: Truth, zone_m: tuple[float, float, float] | Non
         keep = (route.s >= a) & (route.s <= b)
         line = LineString(np.column_stack([route.x[keep], route.y[keep]]))
         zone = line.buffer(25.0, cap_style="flat").simplify(0.5)
-        features.append(_feature("zone-30", f"{limit:g} km/h zone", "speed_zone", _to_lonlat(route, zone),
+        features.append(_feature(f"zone-{limit:g}", f"{limit:g} km/h zone", "speed_zone", _to_lonlat(route, zone),
                                  speed_limit_kmh=limit))
+    if gate_m is not None:
+        i = int(round(gate_m))
+        h = route.heading[i]
+        ahead, left = np.array([math.sin(h), math.cos(h)]), np.array([-math.cos(h), math.sin(h)])
+        spot = np.array([route.x[i], route.y[i]])
+        corners = [spot + YARD_HALF_WIDTH_M * left, spot - YARD_HALF_WIDTH_M * left,
+                   spot - YARD_HALF_WIDTH_M * left + YARD_DEPTH_M * ahead, spot + YARD_HALF_WIDTH_M * left + YARD_DEPTH_M * ahead]
+        yard = shapely.Polygon(corners)
+        features.append(_feature("yard", "Yard", "depot", _to_lonlat(route, yard)))
     return features
 
 
@@ -431,13 +446,20 @@ def ground_truth(drive: Drive) -> dict:
             _dwell(event, props, settings, entered, float(t[-1]), k_of, fid)
         approach = props.get("approach_m")
         if props["type"] == "customer_stop" and approach:
-            near = np.nonzero((depth < 0) & (-depth <= approach) & (v >= 1.0))[0]
+            within = (depth < 0) & (-depth <= approach)
+            near = np.nonzero(within & (v >= 1.0))[0]
             if len(near):
                 k = int(near[0])
                 enter = next((e["time"] for e in events if e["type"] == "geofence_enter" and e.get("geofence_id") == fid), None)
                 eta = None if enter is None else round(enter - float(t[k]), 1)
-                event("stop_approach", float(t[k]), float(t[k]) - 2, float(t[k]) + 3, k, geofence_id=fid,
-                      tolerance={"eta_s": None if eta is None else round(0.5 * eta, 1)}, eta_s=eta)
+                # Already within reach before it moved (it started there): when the agent calls it
+                # approaching depends on how it averages the speed for its ETA, so allow some time;
+                # its ETA then rests on that average too: not judged.
+                from_rest = k > 0 and bool(within[k - 1])
+                latest = float(t[k]) + (APPROACH_FROM_REST_S if from_rest else 3)
+                judged = eta is not None and not from_rest
+                event("stop_approach", float(t[k]), float(t[k]) - 2, latest, k, geofence_id=fid,
+                      tolerance={"eta_s": round(0.5 * eta, 1) if judged else None}, eta_s=eta)
         if props["type"] == "speed_zone":
             over = inside & (v * 3.6 > props["speed_limit_kmh"])
             for start, end in _runs(over):
@@ -571,6 +593,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--harsh-brake", metavar="AT", help="a hard braking at fraction AT ('none' for none)")
     parser.add_argument("--speed-zone", metavar="FROM:TO:KMH", help="a speed zone the van drives 12 km/h too fast through ('none')")
     parser.add_argument("--dropout", action="append", metavar="AT:SECONDS", help="no GPS fix for SECONDS from fraction AT")
+    parser.add_argument("--gate", metavar="AT:SECONDS",
+                        help="the van waits SECONDS at AT right on the edge of a yard fence, then drives in")
     parser.add_argument("--can-channel", default="can0", help="interface name in the candump log (default can0)")
 
 
@@ -589,6 +613,9 @@ def _plan(args: argparse.Namespace, bundled: bool) -> Plan:
         else:
             a, b, limit = args.speed_zone.split(":")
             plan.speed_zone = (_fraction(a), _fraction(b), float(limit))
+    if args.gate:
+        at, seconds = args.gate.split(":")
+        plan.gate = (_fraction(at), float(seconds))
     for spec in args.dropout or []:
         at, seconds = spec.split(":")
         plan.dropouts.append((_fraction(at), float(seconds)))
