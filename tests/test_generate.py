@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pynmea2
+import shapely
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -244,3 +245,21 @@ def test_cli_bad_waypoints_and_missing_route_are_one_line_each(tmp_path):
     for args in (["--waypoints", "52.0,4.3 nonsense"], ["--route", str(tmp_path / "none.geojson")]):
         proc = _cli(*args, "--out", str(tmp_path))
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_gate_puts_the_waiting_van_on_the_yard_fence_line():
+    plan = generate.default_plan()
+    plan.gate = (0.75, 90.0)
+    drive = generate.build(generate.DELFT_ROUTE, plan, seed=2)
+    yard = next(f for f in drive.fences if f["id"] == "yard")
+    assert yard["properties"]["type"] == "depot"
+    (_, arrive, depart), = [v for v in drive.truth.stops if abs(v[0].at_m - 0.75 * drive.route.length_m) < 1]
+    waiting = (drive.truth.t > arrive) & (drive.truth.t < depart)
+    lat, lon = drive.truth.lat[waiting][0], drive.truth.lon[waiting][0]
+    x, y = drive.route.to_xy(lat, lon)
+    ring = [drive.route.to_xy(la, lo) for lo, la in yard["geometry"]["coordinates"][0]]
+    boundary = shapely.LineString(ring)
+    assert boundary.distance(shapely.Point(x, y)) < 0.1  # on the line, to the centimetre
+    truth = generate.ground_truth(drive)
+    yard_events = [e["type"] for e in truth["events"] if e.get("geofence_id") == "yard"]
+    assert yard_events == ["geofence_enter", "geofence_exit"]  # in once it drives in, out at the far side
