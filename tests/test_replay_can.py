@@ -41,9 +41,9 @@ def virtual_channel(request):
 
 
 def test_nmea_and_can_arrive_in_step(virtual_channel):
-    """20 s of the bundled drive at 10x: each NMEA epoch and the CAN frames of the same second arrive together."""
+    """20 s of the bundled drive at 5x: each NMEA epoch and the CAN frames of the same second arrive together."""
     sender, receiver = virtual_channel(), virtual_channel()
-    nmea = NmeaReplay(DRIVE.with_suffix(".nmea"), speed=10, baud=1_000_000, keep_dates=True, start_s=100, end_s=120)
+    nmea = NmeaReplay(DRIVE.with_suffix(".nmea"), speed=5, baud=1_000_000, keep_dates=True, start_s=100, end_s=120)
     replay = Replay(nmea, DRIVE.with_suffix(".candump.log"), can_bus=sender)
     port = serial.Serial(nmea.open_pty(), timeout=0.05)
     epochs: list[tuple[float, float]] = []  # (arrival, drive second from the RMC time)
@@ -69,13 +69,13 @@ def test_nmea_and_can_arrive_in_step(virtual_channel):
     assert 20 * 21 <= len(frames) <= 21 * 21 + 3
     first_tod = epochs[0][1]
     for arrival, tod in epochs:
-        # Frames due up to this epoch's drive second have all arrived within 0.25 s (2.5 drive s) of it,
+        # Frames due up to this epoch's drive second have all arrived within 0.5 s (2.5 drive s) of it,
         # and none due more than that later (slack for a loaded 2-core machine, not the replay's precision).
         due = (tod - first_tod) * 21
-        assert sum(1 for t, _ in frames if t <= arrival + 0.25) >= due - 1
-        assert sum(1 for t, _ in frames if t < arrival - 0.25) <= due + 21 * 2.5
-    # The same 20 s take 2 s at 10x.
-    assert epochs[-1][0] - epochs[0][0] >= 2.0 * 0.95
+        assert sum(1 for t, _ in frames if t <= arrival + 0.5) >= due - 1
+        assert sum(1 for t, _ in frames if t < arrival - 0.5) <= due + 21 * 2.5
+    # The same 20 s take 4 s at 5x.
+    assert epochs[-1][0] - epochs[0][0] >= 4.0 * 0.95
 
 
 def test_can_frames_keep_their_recorded_spacing(virtual_channel):
