@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import msgspec
 import paho.mqtt.client as mqtt
 import tenacity
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -30,7 +31,7 @@ from paho.mqtt.properties import Properties
 
 from agent import __version__
 from agent.clock import Clock
-from agent.config import MqttConfig
+from agent.config import MqttConfig, TlsConfig
 from agent.record import Record
 from agent.wire import encode_batch
 from agent.wire.codec import FORMAT_NAME
@@ -207,6 +208,17 @@ class MqttLink:
         self._status_extra.update(fields)
         if self._connected.is_set():
             self.publish_message("status", self._status_payload("online"), qos=1, retain=True)
+
+    def use_tls(self, tls: TlsConfig) -> None:
+        """Connect with ``tls`` from now on (a renewed client certificate): the session is closed and
+        opened again at once; the buffer re-sends whatever was unconfirmed, as after any reconnect."""
+        self._config = msgspec.structs.replace(self._config, tls=tls)
+        self._session_error = "reconnecting with a renewed client certificate"
+
+    @property
+    def tls(self) -> TlsConfig | None:
+        """The TLS settings of the next connection."""
+        return self._config.tls
 
     def stats(self) -> dict:
         """Link figures for the status report."""

@@ -1,0 +1,1 @@
+"""Client certificate renewal over MQTT (docs/certificates.md)."""
