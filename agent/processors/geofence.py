@@ -44,7 +44,7 @@ _MIN_APPROACH_SPEED_MPS = 1.0
 # (measured: projecting 2,000 vertices costs more than clipping them).
 _CLIP_VERTICES = 64
 _ORIGIN = shapely.Point(0.0, 0.0)
-# Fences up to this extent get a boundary projected once at load (see Fence.local).
+# Polygons up to this extent are projected once at load and kept only so (see Fence.local).
 _LOCAL_FRAME_MAX_M = 20_000.0
 _CIRCLE, _SMALL, _LARGE = 0, 1, 2  # how _Index measures a fence
 
@@ -54,11 +54,12 @@ class GeofenceError(ValueError):
 
 
 class Fence:
-    """One fence: a polygon (lon/lat, prepared) or a circle (centre and radius in metres)."""
+    """One fence: a circle (centre and radius in metres), a small polygon kept only in metres around
+    its own centre (``local``, ``frame``), or a large polygon in lon/lat (``geom``, prepared)."""
 
     __slots__ = (
         "id", "name", "type", "speed_limit_kmh", "approach_m", "dwell_s", "hysteresis_m",
-        "geom", "boundary", "vertices", "circle", "local", "frame",
+        "geom", "boundary", "vertices", "circle", "local", "frame", "_bounds",
     )
 
     def __init__(self, fid: str, name: str, ftype: str, props: dict[str, Any], geom=None, circle=None) -> None:
@@ -69,26 +70,36 @@ class Fence:
         self.approach_m: float | None = props.get("approach_m")
         self.dwell_s: float | None = props.get("dwell_s")
         self.hysteresis_m: float | None = props.get("hysteresis_m")
-        self.geom = geom
-        self.boundary = geom.boundary if geom is not None else None
-        self.vertices = shapely.get_num_coordinates(geom) if geom is not None else 0
         self.circle: tuple[float, float, float] | None = circle  # (lat, lon, radius_m)
-        # A small fence's boundary in metres around its own centre, projected once: exact to a few
-        # tenths of a per cent within kilometres of it, and no projection per fix.
-        self.local = self.frame = None
-        if geom is not None:
-            minx, miny, maxx, maxy = geom.bounds
-            lat_c, lon_c = (miny + maxy) / 2, (minx + maxx) / 2
-            kx = M_PER_DEG * math.cos(math.radians(lat_c))
-            if max((maxx - minx) * kx, (maxy - miny) * M_PER_DEG) <= _LOCAL_FRAME_MAX_M:
-                self.frame = (lat_c, lon_c, kx)
-                self.local = shapely.transform(self.boundary, lambda xy: (xy - (lon_c, lat_c)) * (kx, M_PER_DEG))
+        self.geom = self.boundary = self.local = self.frame = None
+        self.vertices = 0
+        if circle is not None:
+            clat, clon, radius = circle
+            dlat = radius / M_PER_DEG
+            dlon = radius / (M_PER_DEG * max(0.01, math.cos(math.radians(min(89.0, abs(clat) + dlat)))))
+            self._bounds = (clon - dlon, clat - dlat, clon + dlon, clat + dlat)
+            return
+        self._bounds = minx, miny, maxx, maxy = geom.bounds
+        lat_c, lon_c = (miny + maxy) / 2, (minx + maxx) / 2
+        kx = M_PER_DEG * math.cos(math.radians(lat_c))
+        if max((maxx - minx) * kx, (maxy - miny) * M_PER_DEG) <= _LOCAL_FRAME_MAX_M:
+            # Projected once, exact to a few tenths of a per cent within kilometres of the fence, and
+            # the projection is affine, so containment is the same as in lon/lat (RFC 7946).
+            self.frame = (lat_c, lon_c, kx)
+            self.local = shapely.transform(geom, lambda xy: (xy - (lon_c, lat_c)) * (kx, M_PER_DEG))
+        else:
+            shapely.prepare(geom)
+            self.geom, self.boundary = geom, geom.boundary
+            self.vertices = shapely.get_num_coordinates(geom)
 
     def contains(self, lat: float, lon: float) -> bool:
         """Whether the point (degrees) is inside the fence."""
         if self.circle is not None:
             clat, clon, radius = self.circle
             return haversine_m(lat, lon, clat, clon) <= radius
+        if self.frame is not None:
+            lat_c, lon_c, kx = self.frame
+            return bool(shapely.contains_xy(self.local, (lon - lon_c) * kx, (lat - lat_c) * M_PER_DEG))
         return bool(shapely.contains_xy(self.geom, lon, lat))
 
     def signed_distance_m(self, lat: float, lon: float, point: shapely.Point, inside: bool, cap: float) -> tuple[float, float]:
@@ -117,12 +128,7 @@ class Fence:
 
     def bounds(self) -> tuple[float, float, float, float]:
         """(min lon, min lat, max lon, max lat) in degrees."""
-        if self.circle is not None:
-            clat, clon, radius = self.circle
-            dlat = radius / M_PER_DEG
-            dlon = radius / (M_PER_DEG * max(0.01, math.cos(math.radians(min(89.0, abs(clat) + dlat)))))
-            return clon - dlon, clat - dlat, clon + dlon, clat + dlat
-        return tuple(shapely.bounds(self.geom))  # type: ignore[return-value]
+        return self._bounds
 
 
 class GeofenceSet:
@@ -221,7 +227,6 @@ def _parse_feature(index: int, feature: Any) -> Fence:
     _check_range(where, maxx, maxy)
     if not geom.is_valid:
         raise GeofenceError(f"{where}: invalid {gtype}: {shapely.is_valid_reason(geom)}")
-    shapely.prepare(geom)
     return Fence(fid, name, ftype, clean, geom=geom)
 
 
@@ -251,7 +256,6 @@ class _Index:
         self.lon_c = np.array([c[1] for c in centre])
         self.kx = M_PER_DEG * np.cos(np.radians(self.lat_c))
         self.radius = np.array([f.circle[2] if f.circle else 0.0 for f in fences])
-        self.geoms = np.array([f.geom for f in fences], dtype=object)
         self.local = np.array([f.local for f in fences], dtype=object)
         boxes = np.empty((n, 4))
         for i, fence in enumerate(fences):
@@ -282,10 +286,14 @@ class _Index:
             inside[circles] = d[circles] >= 0
         small = kind == _SMALL
         if small.any():
-            si = idx[small]
-            inside[small] = shapely.contains_xy(self.geoms[si], lon, lat)
-            dist = shapely.distance(self.local[si], shapely.points(x[small], y[small]))
-            d[small] = np.where(inside[small], dist, -dist)
+            local = self.local[idx[small]]
+            xs, ys = x[small], y[small]
+            within = shapely.contains_xy(local, xs, ys)
+            points = shapely.points(xs, ys)
+            dist = -shapely.distance(local, points)  # 0 inside: there, the distance to the boundary
+            if within.any():
+                dist[within] = shapely.distance(shapely.boundary(local[within]), points[within])
+            inside[small], d[small] = within, dist
         cap = self.h[idx] + self.approach[idx] + 1.0
         for j in np.flatnonzero(kind == _LARGE):
             i = int(idx[j])
