@@ -79,6 +79,7 @@ class Agent:
         self.fix_filter = None
         self.remote = None
         self.updater = None
+        self.renewer = None
         self.pipeline: Pipeline | None = None
         self.sources: list[Source] = []
         self._pinger = None
@@ -120,6 +121,7 @@ class Agent:
     def start(self) -> None:
         """Open the buffer and start every thread."""
         from agent.buffer.store import DurableBuffer
+        from agent.certs.renew import effective_mqtt  # a renewed client certificate, when there is one
         from agent.ops.notify import Heartbeat, Notifier, WatchdogPinger, watchdog_interval
         from agent.ops.status import StatusBoard
         from agent.publish.mqtt_link import MqttLink
@@ -134,7 +136,7 @@ class Agent:
         self.buffer.open()
         self.buffer.start()
         config_version = self._config_version()
-        self.link = MqttLink(self.config.mqtt, self.config.device.id, self.buffer, self.clock,
+        self.link = MqttLink(effective_mqtt(self.config), self.config.device.id, self.buffer, self.clock,
                              config_hash=config_version)
         heartbeat = Heartbeat(PIPELINE_HUNG_S)
         try:
@@ -154,6 +156,7 @@ class Agent:
             self._spawn(f"source-{source.name}", source.run, self.pipeline.emit, self._source_stop)
         self._start_device_io()
         self._start_updater()
+        self._start_renewer()
         self._start_remote()
         self.board.start()
         self._notifier = Notifier()
@@ -230,6 +233,16 @@ class Agent:
         self.updater = Updater(self.config, self.config_path, self.link, self.pipeline.emit, self.clock)
         self.updater.start()
 
+    def _start_renewer(self) -> None:
+        """Client certificate renewal (agent/certs), when the link uses a client certificate."""
+        tls = self.config.mqtt.tls
+        if not self.config.certificates.enabled or tls is None or tls.cert_file is None:
+            return
+        from agent.certs.renew import CertRenewer
+
+        self.renewer = CertRenewer(self.config, self.link, self.pipeline.emit, self.clock)
+        self.renewer.start()
+
     def _start_remote(self) -> None:
         if not self.config.remote.enabled or self.config_path is None:
             return
@@ -246,6 +259,7 @@ class Agent:
             parse_fences=GeofenceSet.from_geojson,
             replace_fences=self._replace_fences,
             update=self.updater.handle if self.updater is not None else None,
+            renew_certificate=self.renewer.handle if self.renewer is not None else None,
         )
         self.remote.start_listening()
         self._spawn("remote", self.remote.run, self._ops_stop)
@@ -286,8 +300,9 @@ class Agent:
         if self._notifier is not None:
             self._notifier.stopping()
         self._ops_stop.set()
-        if self.updater is not None:  # it emits into the pipeline: stops before it
-            self.updater.close()
+        for worker in (self.updater, self.renewer):  # they emit into the pipeline: stop before it
+            if worker is not None:
+                worker.close()
         self._source_stop.set()
         self._join(lambda t: t.name.startswith("source-"), timeout)
         self._pipeline_stop.set()
