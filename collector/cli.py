@@ -12,6 +12,7 @@ COMMANDS = {
     "gaps": ("collector.commands.gaps", "per device, the sequence numbers that never arrived"),
     "export": ("collector.commands.export", "a device's track in a time range as GeoJSON, GPX or CSV"),
     "reprocess": ("collector.commands.reprocess", "decode the dead letters again and store what now decodes"),
+    "sign-certs": ("collector.commands.sign_certs", "answer devices' certificate renewal requests with a CA or a command"),
 }
 
 

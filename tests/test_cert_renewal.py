@@ -285,3 +285,41 @@ def test_the_fleets_own_ca_behind_a_command(ca_files):
     csr, _ = csr_for(DEVICE)
     pem = CommandCa([sys.executable, "-c", script]).sign(csr, DEVICE)
     assert x509.load_pem_x509_certificate(pem).subject.rfc4514_string() == f"CN={DEVICE}"
+
+
+def test_sign_certs_command_answers_over_mqtt(ca_files, mosquitto):
+    import queue
+    import signal
+    import subprocess
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    exe = str(Path(sys.executable).parent / "telematics-collector")
+    bad = subprocess.run([exe, "sign-certs", "--ca-cert", ca_files[0]],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "telematics-collector sign-certs: --ca-cert needs --ca-key (and the other way round)"
+    proc = subprocess.Popen([exe, "sign-certs", "--port", str(mosquitto.port),
+                             "--ca-cert", ca_files[0], "--ca-key", ca_files[1], "--days", "7"])
+    answers: queue.Queue = queue.Queue()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="truck-1-test")
+    client.on_message = lambda c, u, m: answers.put(json.loads(m.payload))
+    client.connect("127.0.0.1", mosquitto.port)
+    client.subscribe(f"telematics/{DEVICE}/cert/response", qos=1)
+    client.loop_start()
+    try:
+        csr, _ = csr_for(DEVICE)
+        request = json.dumps({"id": "q1", "csr": csr.public_bytes(serialization.Encoding.PEM).decode()})
+        deadline = time.monotonic() + 20
+        while answers.empty() and time.monotonic() < deadline:  # until the service has subscribed
+            client.publish(f"telematics/{DEVICE}/cert/request", request, qos=1)
+            time.sleep(0.5)
+        answer = answers.get(timeout=5)
+        cert = x509.load_pem_x509_certificate(answer["certificate"].encode())
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        assert answer["id"] == "q1" and dt.timedelta(days=7) < lifetime <= dt.timedelta(days=7, minutes=6)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
