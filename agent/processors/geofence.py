@@ -8,9 +8,11 @@ carries the time and position of the first fix beyond the margin (the fix that c
 emitted once the time hysteresis confirmed it. Which fences a truck is inside, since when, and which
 approaches were announced, survive a restart (``<data_dir>/edge-geofence.json``).
 
-Containment follows RFC 7946 section 3.1.1: polygon edges are straight lines in longitude/latitude.
-Distances to a boundary are in metres at any latitude: a cheap lower bound from the distance in
-degrees, and where that is not decisive, the exact distance in a local frame around the fix.
+Containment follows RFC 7946 section 3.1.1: polygon edges are straight lines in longitude/latitude
+(fences across the antimeridian are not supported). Distances to a boundary are in metres at any
+latitude: circles and polygons up to 20 km across live in a local frame around their own centre,
+projected once at load; for larger ones a cheap lower bound from the distance in degrees, and where
+that is not decisive, the exact distance in a local frame around the fix.
 """
 
 from __future__ import annotations
