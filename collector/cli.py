@@ -13,6 +13,7 @@ COMMANDS = {
     "export": ("collector.commands.export", "a device's track in a time range as GeoJSON, GPX or CSV"),
     "reprocess": ("collector.commands.reprocess", "decode the dead letters again and store what now decodes"),
     "sign-certs": ("collector.commands.sign_certs", "answer devices' certificate renewal requests with a CA or a command"),
+    "serve-updates": ("collector.commands.serve_updates", "send over-the-air update chunks to devices that ask over MQTT"),
 }
 
 

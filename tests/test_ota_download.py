@@ -229,7 +229,7 @@ def test_mqtt_download_gives_up_when_nobody_answers(tmp_path):
                       inbox=queue.Queue(), rate=ByteRate(0, threading.Event()), stop=threading.Event(), idle_s=0.05,
                       max_idle_rounds=3)
     assert len(asked) == 3
-    assert json.loads(asked[0]) == {"version": "1.2.0", "chunks": [[0, 4]]}
+    assert json.loads(asked[0]) == {"version": "1.2.0", "chunk_size": 1024, "chunks": [[0, 4]]}
 
 
 def test_chunks_received_before_a_restart_are_not_asked_for_again(tmp_path):

@@ -293,3 +293,53 @@ def test_install_then_a_broken_update_rolls_back_and_a_working_one_stays(ota_rel
     finally:
         supervisor.close()
         collector.stop()
+
+
+def test_an_update_over_mqtt_chunks_from_the_backend(ota_releases, tmp_path, mosquitto):
+    from collector.ota_chunks import ChunkServer
+    from test_remote import PahoLink
+
+    archive = ota_releases.release("0.2.0")
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    shutil.copy2(archive, releases / archive.name)
+    out = tmp_path / "launched.txt"
+    path, config = make_config(tmp_path, ota_releases, mosquitto.port, chunk_idle_s=2.0,
+                               apply_launcher=["/bin/sh", "-c", f'echo "$@" > {out}', "sh"])
+    link = PahoLink(mosquitto.port)
+    server = ChunkServer("127.0.0.1", mosquitto.port, "telematics", releases).start()
+    emitted = Emitted()
+    updater = Updater(config, path, link, emitted.append, SystemClock())
+    try:
+        wait_until(link.connected.is_set, 10, message="the device link")
+        updater.start()
+        chunk_size = 256 * 1024
+        updater.handle({"version": "0.2.0", "size": archive.stat().st_size, "sha256": sha256_file(archive),
+                        "mqtt": {"chunk_size": chunk_size}})
+        wait_until(out.exists, 120, message="the install step started")
+        downloaded = Path(out.read_text().split()[-1])
+        assert sha256_file(downloaded) == sha256_file(archive) and emitted == []
+        assert server.counts["chunks"] >= -(-archive.stat().st_size // chunk_size)
+    finally:
+        updater.close()
+        server.stop()
+        link.close()
+
+
+def test_the_chunk_server_serves_only_releases_it_has(tmp_path):
+    from collector.ota_chunks import ChunkServer
+
+    (tmp_path / "telematics-agent-1.0.0.tar").write_bytes(bytes(range(256)) * 10)
+    server = ChunkServer("127.0.0.1", 1, "telematics", tmp_path)
+    one = server.chunks_for(json.dumps({"version": "1.0.0", "chunk_size": 1000, "chunks": [[2, 2]]}).encode())
+    assert len(one) == 1 and one[0].endswith((bytes(range(256)) * 10)[2000:])
+    for request, error in [
+        ({"version": "../../etc/passwd", "chunk_size": 10, "chunks": [[0, 0]]}, "bad version"),
+        ({"version": "1.0.0", "chunk_size": 10, "chunks": [[0, 1000]]}, "at a time"),
+        ({"version": "1.0.0", "chunk_size": 1000, "chunks": [[3, 3]]}, "beyond the end"),
+        ({"version": "1.0.0", "chunk_size": 0, "chunks": [[0, 0]]}, "chunk_size"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            server.chunks_for(json.dumps(request).encode())
+    with pytest.raises(FileNotFoundError):
+        server.chunks_for(json.dumps({"version": "2.0.0", "chunk_size": 10, "chunks": [[0, 0]]}).encode())

@@ -6,8 +6,9 @@ every few megabytes still gets there. A server that ignores the range (200 inste
 read from the start again.
 
 MQTT (for fleets whose firewall allows only the broker): the device asks for chunks on
-``{prefix}/{device}/update/request`` with ``{"version": V, "chunks": [[first, last], ...]}`` and the
-backend answers each on ``{prefix}/{device}/update/chunk`` (:func:`encode_chunk`: a 4-byte
+``{prefix}/{device}/update/request`` with ``{"version": V, "chunk_size": N, "chunks": [[first,
+last], ...]}`` and the backend (collector/ota_chunks.py) answers each on
+``{prefix}/{device}/update/chunk`` (:func:`encode_chunk`: a 4-byte
 big-endian header length, a JSON header ``{"version": V, "index": i}``, then the bytes). Chunks may
 arrive in any order and more than once; each is written at its offset, and what has arrived is
 saved beside the part file so a restarted agent asks only for the rest. The device asks for a
@@ -264,7 +265,8 @@ def download_mqtt(dest: Path, version: str, size: int, chunk_size: int, *, reque
             if stop.is_set():
                 raise DownloadFailed("stopped")
             window = assembler.missing(WINDOW_CHUNKS)
-            request(json.dumps({"version": version, "chunks": ranges(window)}, separators=(",", ":")).encode())
+            request(json.dumps({"version": version, "chunk_size": chunk_size, "chunks": ranges(window)},
+                               separators=(",", ":")).encode())
             progressed = _receive(assembler, set(window), inbox, rate, stop, idle_s)
             idle_rounds = 0 if progressed else idle_rounds + 1
             if idle_rounds >= max_idle_rounds:
