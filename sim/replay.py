@@ -281,6 +281,8 @@ class Replay:
 
     ``can_bus`` is a python-can bus for in-process use (e.g. ``can.Bus(interface="virtual")``);
     with ``slcan=True`` the frames go to an emulated slcan adapter on a second pty instead.
+    With NMEA, the cut and the looping are the NMEA replay's; ``start_s``, ``end_s`` and ``loop``
+    are for a CAN log replayed alone.
     """
 
     def __init__(
@@ -292,6 +294,9 @@ class Replay:
         slcan: bool = False,
         progress: Progress | None = None,
         wait_readers: bool = True,
+        start_s: float = 0.0,
+        end_s: float | None = None,
+        loop: bool = False,
     ) -> None:
         if nmea is None and can_path is None:
             raise ValueError("nothing to replay")
@@ -309,9 +314,9 @@ class Replay:
                 send,
                 # Drive time is the NMEA capture's: CAN frames outside its span (or --start/--end) are not sent.
                 lead_s=can_lead_s(nmea.timeline, frames) if nmea else 0.0,
-                start_s=nmea.start_s if nmea else 0.0,
-                end_s=nmea.end_s if nmea else None,
-                loop=nmea.loop if nmea else False,
+                start_s=nmea.start_s if nmea else start_s,
+                end_s=nmea.end_s if nmea else end_s,
+                loop=nmea.loop if nmea else loop,
                 loop_period_s=nmea.duration_s + LOOP_GAP_S if nmea else None,
                 # With NMEA, the NMEA replay reports progress (drive time is its own).
                 progress=None if nmea else progress,
@@ -423,7 +428,8 @@ def run(args: argparse.Namespace) -> int:
             if args.nmea
             else None
         )
-        replay = Replay(nmea, args.can, slcan=True, progress=bar, wait_readers=not args.no_wait)
+        replay = Replay(nmea, args.can, slcan=True, progress=bar, wait_readers=not args.no_wait,
+                        start_s=args.start, end_s=args.end, loop=args.loop)
     except OSError as exc:
         raise CommandError(f"cannot read the capture: {exc.strerror or exc}") from exc
     except ValueError as exc:

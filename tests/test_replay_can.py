@@ -187,3 +187,14 @@ def test_cli_replays_nmea_and_can_through_two_ptys():
     # About 6 s of the drive (minus the moment python-can took to open the channel) at 21 frames/s.
     assert 3 * 21 < len(frames) <= 7 * 21
     assert {m.arbitration_id for m in frames} == {0x0CF00400, 0x18FEF100, 0x18FEF200}
+
+
+def test_a_can_log_alone_is_cut_by_start_and_end(virtual_channel):
+    sender, receiver = virtual_channel(), virtual_channel()
+    replay = Replay(None, DRIVE.with_suffix(".candump.log"), can_bus=sender, start_s=10, end_s=12)
+    replay.run(speed=50)
+    got = []
+    while (msg := receiver.recv(0)) is not None:
+        got.append(msg)
+    # 2 s of the drive (both ends included): 21 EEC1 and CCVS1 frames each, 2-3 LFE1.
+    assert 40 <= len(got) <= 46
