@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import can
 import msgspec
 import yaml
 
@@ -125,6 +126,9 @@ class Expect(_Strict, kw_only=True):
     truth: bool = False  # every event of inputs.truth in its window, attributes within tolerance
     no_unexpected_events: bool = False  # with truth: no event the truth does not name (GPS health aside)
     agent_log: list[str] = []  # regular expressions the agent's log must match
+    # The stored records equal what `telematics-agent process` makes of the bytes and frames sent
+    # (fixes, events without CAN; with CAN the value sequences of change-policy signals).
+    same_as_process: bool = False
 
 
 class Scenario(_Strict, kw_only=True):
@@ -328,6 +332,7 @@ class CanLine:
     def __init__(self, link: Path) -> None:
         self.link = link
         self.adapter = None
+        self.dropped = 0  # frames not delivered: adapter gone, closed by the host, or overrun
 
     def plug(self) -> None:
         from sim.slcan_adapter import SlcanAdapter
@@ -347,7 +352,10 @@ class CanLine:
 
     def deliver(self, msg) -> bool:
         adapter = self.adapter
-        return adapter.deliver(msg) if adapter is not None else False
+        if adapter is not None and adapter.deliver(msg):
+            return True
+        self.dropped += 1
+        return False
 
 
 @dataclass
@@ -377,6 +385,10 @@ class Outcome:
     agent_log: str
     faults_done: list[str]
     clock_steps: list[tuple[float, float | None]] = field(default_factory=list)  # (agent offset wanted, seen)
+    offline: list[dict] | None = None  # `telematics-agent process` on what was sent
+    change_signals: frozenset[str] = frozenset()  # signal names sampled on change (timing-independent)
+    can_sent: int = 0
+    can_dropped: int = 0
 
 
 # ---- running -------------------------------------------------------------------------------------
@@ -461,6 +473,9 @@ class Runner:
         stretches: list[Stretch] = []
         may_lose_windows: list[tuple[float, float]] = []
         done: list[str] = []
+        sent_can = self.workdir / "sent.candump.log"
+        sent_nmea = (self.workdir / "sent.nmea").open("wb")
+        can_replay = None
         clock_steps: list[tuple[float, float | None]] = []
         watchers: list[threading.Thread] = []
         try:
@@ -480,6 +495,10 @@ class Runner:
                 frames = load_candump(self.path(s.inputs.can))
                 can_replay = CanReplay(frames, can_line.deliver, lead_s=can_lead_s(nmea.timeline, frames),
                                        start_s=nmea.start_s, end_s=nmea.end_s)
+                # The frames to be sent, with their recorded time stamps (the replay re-stamps them).
+                with can.CanutilsLogWriter(str(sent_can), channel="can0") as writer:
+                    for _, msg in can_replay.frames:
+                        writer.on_message_received(msg)
                 can_thread = threading.Thread(target=can_replay.run, args=(stop, clock), name="can-replay", daemon=True)
                 can_thread.start()
             actions = self._actions()
@@ -539,6 +558,7 @@ class Runner:
                     stretch = Stretch(NmeaDecoder(config.gps.allow_missing_checksum, floor))
                     stretches.append(stretch)
                 written = gps.write(data) if gps.plugged else b""
+                sent_nmea.write(written)
                 if ready and written:
                     stretch.feed(written, time.time(), time.time() + agent.clock_offset_s)
             for at, name, act in actions:  # faults that end after the drive: undo them now
@@ -562,11 +582,32 @@ class Runner:
             gps.unplug()
             if can_line is not None:
                 can_line.unplug()
+            sent_nmea.close()
+        offline = self._process(config_path, sent_can if can_line else None) if s.expect.same_as_process else None
+        change = frozenset(sig.name or sig.signal for sig in (config.can.signals if config.can else [])
+                           if sig.policy == "change")
         expected = {round(utc, 3) for st in stretches for utc, _ in st.fixes}
         may_lose = {round(utc, 3) for st in stretches for utc, wall in st.fixes
                     if any(lo <= wall <= hi for lo, hi in may_lose_windows)}
         start_utc = nmea.timeline.start_utc + day_shift_s + s.start_s if nmea.timeline.start_utc is not None else None
-        return Outcome(records, expected, may_lose, day_shift_s, start_utc, log_text, done, clock_steps)
+        return Outcome(records, expected, may_lose, day_shift_s, start_utc, log_text, done, clock_steps, offline,
+                       change, can_replay.sent if can_replay else 0, can_line.dropped if can_line else 0)
+
+    def _process(self, config_path: Path, can_log: Path | None) -> list[dict]:
+        """``telematics-agent process`` on the NMEA bytes and CAN frames this run sent, with the agent's config."""
+        args = [str(Path(sys.executable).parent / "telematics-agent"), "process", "--nmea",
+                str(self.workdir / "sent.nmea"), "--config", str(config_path)]
+        if can_log is not None:
+            args += ["--can", str(can_log)]
+        if self.s.inputs.geofences:
+            args += ["--geofences", str(self.path(self.s.inputs.geofences))]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=self.s.timeout_s)
+        if result.returncode != 0:
+            raise ScenarioError(f"telematics-agent process failed: {result.stderr.strip()}")
+        out = [json.loads(line) for line in result.stdout.splitlines()]
+        for line in out:
+            line["utc"] = parse_iso_utc(line["time"])
+        return out
 
     def _see_clock(self, offset_s: float, seen: list[tuple[float, float | None]]) -> None:
         """Wait until the agent's status file (written by its wall clock every second) shows ``offset_s``."""
@@ -722,6 +763,8 @@ def judge(s: Scenario, out: Outcome, truth: dict | None) -> list[Check]:
         if e.no_unexpected_events:
             unexpected = set(truth.get("unchecked_types", [])) | GPS_HEALTH
         checks.append(_match_events("ground truth", wants, events, unexpected))
+    if e.same_as_process and out.offline is not None:
+        checks.append(_same_as_process(out, has_can=s.inputs.can is not None))
     if out.clock_steps:
         wrong = [(want, seen) for want, seen in out.clock_steps if seen is None or abs(seen - want) >= CLOCK_SEEN_S]
         checks.append(Check("clock steps", not wrong, f"{len(out.clock_steps)} steps of the agent's wall clock, "
@@ -733,6 +776,58 @@ def judge(s: Scenario, out: Outcome, truth: dict | None) -> list[Check]:
         checks.append(Check("agent log", not missing_patterns, f"{len(e.agent_log)} patterns wanted in the agent's log",
                             [f"nothing in the agent's log matches /{p}/" for p in missing_patterns]))
     return checks
+
+
+def _same_as_process(out: Outcome, has_can: bool) -> Check:
+    """The live agent's records against ``process`` on the same bytes: fixes by time and position; events
+    (GPS health aside) without CAN, whose frames the live agent stamps on arrival; the value sequence of
+    each change-policy signal, which no timing can change."""
+    def fixes(records: list[dict]) -> list[tuple]:
+        return [(iso_utc(r["utc"]), round(r["lat"], 7), round(r["lon"], 7)) for r in records if r["kind"] == "fix"]
+
+    def events(records: list[dict]) -> list[tuple]:
+        return sorted((r["type"], iso_utc(r["utc"]), r.get("geofence_id")) for r in records
+                      if r["kind"] == "event" and r["type"] not in GPS_HEALTH)
+
+    def values(records: list[dict]) -> dict[str, list]:
+        out_: dict[str, list] = {}
+        for r in records:
+            if r["kind"] == "signal" and r["name"] in out.change_signals:
+                out_.setdefault(r["name"], []).append(r["value"])
+        return out_
+
+    details: list[str] = []
+    live, offline = fixes(out.records), fixes(out.offline)
+    only_offline, only_live = sorted(set(offline) - set(live)), sorted(set(live) - set(offline))
+    compared = [f"{len(offline)} fixes"]
+    # Two differences at the ends are by design: epochs before the capture's first date are dated by
+    # the live agent's clock (process has none and drops them), and process ends by flushing the
+    # adaptive reporter (a live agent reports that fix when it stops).
+    early = [f for f in only_live if offline and f[0] < offline[0][0]]
+    final = [f for f in only_offline if live and f[0] > live[-1][0] and f == offline[-1]]
+    if early or final:
+        compared.append(f"{len(early)} fixes before the capture's first date and {len(final)} final reporter flush "
+                        "allowed")
+    details += [f"fix {t} {lat},{lon}: process has it, the live agent did not store it"
+                for t, lat, lon in only_offline if (t, lat, lon) not in final][:20]
+    details += [f"fix {t} {lat},{lon}: stored, process does not have it"
+                for t, lat, lon in only_live if (t, lat, lon) not in early][:20]
+    if not has_can:
+        live_e, offline_e = events(out.records), events(out.offline)
+        details += [f"event {' '.join(filter(None, k))}: process has it, not stored" for k in offline_e if k not in live_e]
+        details += [f"event {' '.join(filter(None, k))}: stored, process does not have it" for k in live_e if k not in offline_e]
+        compared.append(f"{len(offline_e)} events")
+    else:
+        live_v, offline_v = values(out.records), values(out.offline)
+        for name in sorted(set(live_v) | set(offline_v)):
+            a, b = live_v.get(name, []), offline_v.get(name, [])
+            if a != b:
+                at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                details.append(f"signal {name}: {len(a)} values stored, {len(b)} from process; first difference "
+                               f"at value {at + 1}: {a[at] if at < len(a) else 'none'} vs {b[at] if at < len(b) else 'none'}")
+        compared.append(f"{sum(len(v) for v in offline_v.values())} change-sampled signal values "
+                        f"({', '.join(sorted(offline_v)) or 'none'}); {out.can_sent} CAN frames sent, {out.can_dropped} not delivered")
+    return Check("same as process", not details, "compared " + ", ".join(compared), details)
 
 
 def _when(ev: EventExpect, out: Outcome) -> float:
