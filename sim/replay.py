@@ -454,6 +454,9 @@ def run(args: argparse.Namespace) -> int:
         if nmea is not None:
             nmea.close()
         if replay.adapter is not None:
+            if replay.adapter.dropped:
+                log.warning("%d CAN frames were dropped: the host did not read the slcan pty fast enough",
+                            replay.adapter.dropped)
             replay.adapter.close()
             if args.can_link and Path(args.can_link).is_symlink():
                 Path(args.can_link).unlink()
