@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.buffer.store import DB_NAME, RESERVE_NAME, BufferError, DurableBuffer
 from agent.config import BufferConfig
@@ -78,7 +80,9 @@ def test_ack_deletes_and_unacked_come_back_after_timeout_or_requeue(data_dir):
     buf.ack([(first[0].seq, first[-1].seq)])
     buf.flush()
     assert buf.stats()["depth"] == 6
+    assert buf.inflight_batches() == 1
     clock.now += 31
+    assert buf.inflight_batches() == 0, "a timed-out batch no longer counts against the link's cap"
     again = buf.take(10, timeout_s=30)
     assert [r.seq for r in again] == [r.seq for r in second], "the unacked batch comes back, in order"
     rest = buf.take(10)
@@ -327,3 +331,20 @@ def test_a_filling_disk_drops_the_oldest_positions_keeps_events_and_never_stops(
     buf.flush()
     assert "disk space for" in caplog.text, "the end of the shortage is logged"
     buf.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 15)), max_size=25))
+def test_the_ack_range_set_matches_a_plain_set(ranges):
+    from agent.buffer.store import _RangeSet
+
+    model: set[int] = set()
+    ranged = _RangeSet()
+    for low, length in ranges:
+        new = ranged.add(low, low + length)
+        added = {v for a, b in new for v in range(a, b + 1)}
+        assert added == set(range(low, low + length + 1)) - model, "add() reports exactly the new part"
+        model |= added
+        spans = ranged.ranges()
+        assert all(b < c - 1 for (_, b), (c, _) in zip(spans, spans[1:])), "disjoint, sorted, merged"
+    assert {v for v in range(-1, 80) if v in ranged} == model

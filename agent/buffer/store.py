@@ -18,6 +18,7 @@ always ahead of every committed one, so a store moved aside as corrupt (or empti
 
 from __future__ import annotations
 
+import bisect
 import errno
 import heapq
 import itertools
@@ -44,6 +45,10 @@ RESERVE_NAME = "seq.reserve"
 SEQ_BLOCK = 1_000_000
 # SQLite's own cost of a row beyond its body (rowid, cell header, b-tree slack), for the size cap.
 ROW_OVERHEAD = 16
+# Acknowledged records are deleted at most this often (or when this many are waiting): one page
+# rewrite per window instead of three on a slow trickle of acks.
+DELETE_INTERVAL_S = 10.0
+DELETE_BATCH = 20_000
 # Free space kept on the buffer's filesystem: the WAL (cut back to 4 MiB) and a checkpoint need room.
 DISK_HEADROOM = 8 * 1024 * 1024
 # Records waiting in memory for a store that cannot take them (disk full): beyond this, the oldest
@@ -104,7 +109,12 @@ class DurableBuffer:
         self._resend: dict[str, list[int]] = {URGENT: [], LIVE: [], BACKLOG: []}
         self._inflight: dict[int, _Taken] = {}
         self._tokens = itertools.count()
-        self._deletes: list[tuple[int, int]] = []
+        # Acknowledged ranges not yet deleted: applied every DELETE_INTERVAL_S (or on flush, or under
+        # pressure), so that steady acks do not rewrite pages every window (SD-card wear).
+        self._deletes = _RangeSet()
+        self._acked_rows = 0
+        self._deletes_applied_at = time.monotonic()
+        self._meta_next: int | None = None  # the next_seq value the store holds
         self._depth = 0
         self._bytes = 0
         self._counters = _Counters()
@@ -188,9 +198,9 @@ class DurableBuffer:
             self._pending.extend(records)
 
     def flush(self) -> None:
-        """Commit everything appended so far, now (also applies pending deletes)."""
+        """Commit everything appended so far, now, and apply every acknowledgement."""
         with self._commit_lock:
-            self._commit()
+            self._commit(force=True)
 
     # -- the publisher's side -----------------------------------------------------------------
 
@@ -245,7 +255,9 @@ class DurableBuffer:
         if not ranges:
             return
         with self._db_lock:
-            self._deletes.extend(ranges)
+            for low, high in ranges:
+                for new_low, new_high in self._deletes.add(low, high):
+                    self._acked_rows += self._count_rows(new_low, new_high)
             for token, taken in list(self._inflight.items()):
                 for low, high in ranges:
                     if low <= taken.high and high >= taken.low:
@@ -264,8 +276,9 @@ class DurableBuffer:
             self._cursor = {URGENT: 0, LIVE: self._live_from, BACKLOG: 0}
 
     def inflight_batches(self) -> int:
-        """Takes not yet fully acknowledged (the link caps these)."""
+        """Takes not yet fully acknowledged and not timed out (the link caps these)."""
         with self._db_lock:
+            self._expire(self._clock.monotonic())
             return len(self._inflight)
 
     def inflight_records(self) -> int:
@@ -277,7 +290,7 @@ class DurableBuffer:
         """Figures for the status topic and logs."""
         with self._db_lock:
             oldest = self._oldest_utc()
-            depth, size = self._depth, self._bytes
+            depth, size = self._depth - self._acked_rows, self._bytes
             inflight = sum(len(t.seqs) for t in self._inflight.values())
         with self._pending_lock:
             pending = len(self._pending)
@@ -309,7 +322,8 @@ class DurableBuffer:
         while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             next_at = time.monotonic() + window
             try:
-                self.flush()
+                with self._commit_lock:
+                    self._commit(force=False)
             except sqlite3.Error as exc:
                 if not failing:
                     log.error("buffer %s: commit failed (%s); keeping the records in memory, retrying each window", self._path, exc)
@@ -322,14 +336,21 @@ class DurableBuffer:
                 log.warning("buffer %s: commits work again", self._path)
                 failing = False
 
-    def _commit(self) -> None:
+    def _commit(self, force: bool) -> None:
         with self._pending_lock:
             batch, self._pending = self._pending, []
         with self._db_lock:
             if self._conn is None:
                 self._requeue_pending(batch)
                 return
-            deletes, self._deletes = self._deletes, []
+            apply = bool(self._deletes) and (
+                force
+                or time.monotonic() - self._deletes_applied_at >= DELETE_INTERVAL_S
+                or self._acked_rows >= DELETE_BATCH
+                or self._bytes > self._config.max_bytes * 0.9
+                or self._disk_short()
+            )
+            deletes = self._deletes.ranges() if apply else []
             if not batch and not deletes:
                 return
             started = time.perf_counter()
@@ -344,11 +365,14 @@ class DurableBuffer:
                     self._connect()
                     return
                 if not (_is_full(exc) and self._retry_after_making_room(batch, deletes, exc)):
-                    self._deletes = deletes + self._deletes
                     self._requeue_pending(batch)
                     if _is_full(exc):
                         return  # in memory, bounded; tried again next window
                     raise
+            if deletes:
+                self._deletes = _RangeSet()
+                self._acked_rows = 0
+                self._deletes_applied_at = time.monotonic()
             if self._disk_full:
                 self._disk_full = False
                 log.warning("buffer %s: writing again after a full disk", self._path)
@@ -398,8 +422,15 @@ class DurableBuffer:
             freed_rows, freed_bytes, dropped = self._drop_oldest(excess)
             depth -= freed_rows
             total -= freed_bytes
-        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', ?)", (committed_next,))
+        # The stored next_seq matters only when the newest row may be gone (open() takes the larger of it
+        # and max(seq) + 1): written when rows were deleted or dropped, not every window (one page less).
+        if self._meta_next is None or removed_rows or dropped:
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('next_seq', ?)", (committed_next,))
+            meta_next = committed_next
+        else:
+            meta_next = self._meta_next
         conn.execute("COMMIT")
+        self._meta_next = meta_next
         self._committed_next = committed_next
         self._depth, self._bytes = depth, total
         if dropped:
@@ -535,7 +566,7 @@ class DurableBuffer:
             wanted = []
             while heap and len(wanted) < limit:
                 seq = heapq.heappop(heap)
-                if not self._delete_pending(seq):
+                if seq not in self._deletes:
                     wanted.append(seq)
             if wanted:
                 marks = ",".join("?" * len(wanted))
@@ -549,13 +580,17 @@ class DurableBuffer:
         rows = conn.execute(
             f"SELECT seq, body FROM {table} WHERE seq >= ? AND seq < ? ORDER BY seq LIMIT ?", (low, high, limit)
         ).fetchall()
-        rows = [row for row in rows if not self._delete_pending(row[0])] if self._deletes else rows
         if rows:
             self._cursor[lane] = rows[-1][0] + 1
-        return rows
+        return [row for row in rows if row[0] not in self._deletes] if self._deletes else rows
 
-    def _delete_pending(self, seq: int) -> bool:
-        return any(low <= seq <= high for low, high in self._deletes)
+    def _count_rows(self, low: int, high: int) -> int:
+        if self._conn is None:
+            return 0
+        return sum(
+            self._conn.execute(f"SELECT count(*) FROM {table} WHERE seq BETWEEN ? AND ?", (low, high)).fetchone()[0]
+            for table in ("urgent", "records")
+        )
 
     def _oldest_utc(self) -> float | None:
         if self._conn is None:
@@ -627,7 +662,9 @@ class DurableBuffer:
         for heap in self._resend.values():
             heap.clear()
         self._cursor = {URGENT: 0, LIVE: 0, BACKLOG: 0}
-        self._deletes = []
+        self._deletes = _RangeSet()
+        self._acked_rows = 0
+        self._meta_next = None
         log.error("buffer %s is unusable (%s): moved aside to %s, starting a new one", self._path, reason, aside)
         self._report_reset(reason, lost=lost)
 
@@ -673,6 +710,43 @@ class DurableBuffer:
 
 def _is_drop_report(record: Record) -> bool:
     return record.kind == "status" and record.data.type == "records_dropped"
+
+
+class _RangeSet:
+    """Disjoint inclusive integer ranges, kept sorted: membership by bisection."""
+
+    def __init__(self) -> None:
+        self._lows: list[int] = []
+        self._highs: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._lows)
+
+    def __contains__(self, value: int) -> bool:
+        i = bisect.bisect_right(self._lows, value) - 1
+        return i >= 0 and value <= self._highs[i]
+
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self._lows, self._highs))
+
+    def add(self, low: int, high: int) -> list[tuple[int, int]]:
+        """Add ``[low, high]``; returns the parts of it that were not already in the set."""
+        new: list[tuple[int, int]] = []
+        start = bisect.bisect_left(self._highs, low - 1)  # first range that touches or follows low
+        end = start
+        cursor = low
+        merged_low, merged_high = low, high
+        while end < len(self._lows) and self._lows[end] <= high + 1:
+            if self._lows[end] > cursor:
+                new.append((cursor, min(high, self._lows[end] - 1)))
+            cursor = max(cursor, self._highs[end] + 1)
+            merged_low, merged_high = min(merged_low, self._lows[end]), max(merged_high, self._highs[end])
+            end += 1
+        if cursor <= high:
+            new.append((cursor, high))
+        self._lows[start:end] = [merged_low]
+        self._highs[start:end] = [merged_high]
+        return new
 
 
 class _Corrupt(sqlite3.DatabaseError):
