@@ -188,3 +188,37 @@ def test_an_unreadable_state_file_is_ignored_with_a_warning(data_dir, caplog):
     d.stay(5)
     assert [t for t, _ in events(run([processor], d.records))] == ["geofence_enter"]
     assert json.loads((data_dir / "edge-geofence.json").read_text())["fences"]["depot"]["inside"] is True
+
+
+@settings(max_examples=150, deadline=None)
+@given(lat=st.floats(-70, 70), radius=st.floats(80, 800), offset_share=st.floats(-0.7, 0.7),
+       bearing=st.floats(0, 360), speed=st.floats(6, 35), noise=st.floats(0, 4), seed=st.integers(0, 2**16),
+       as_polygon=st.booleans())
+def test_driving_through_a_fence_enters_and_exits_exactly_once(lat, radius, offset_share, bearing, speed, noise, seed,
+                                                               as_polygon):
+    import math
+
+    from hypothesis import assume
+
+    # Long enough inside: the chord deeper than the 10 m margin (through the circle, or the square's
+    # inscribed circle) takes the 3 s time hysteresis plus two fix intervals.
+    deep = radius - GeofencesConfig().hysteresis_m
+    off = abs(offset_share) * radius
+    assume(deep > off and 2 * math.sqrt(deep**2 - off**2) / speed >= GeofencesConfig().hysteresis_s + 2)
+    rng = random.Random(seed)
+    fence = square("f", "no_go", lat, 20.0, radius) if as_polygon else circle("f", "no_go", lat, 20.0, radius)
+    processor = GeofenceProcessor(GeofencesConfig(), None, GeofenceSet.from_geojson(collection(fence)))
+    # A straight pass, off-centre by up to 70 % of the radius, from well outside to well outside.
+    b = math.radians(bearing)
+    side = offset_share * radius
+    reach = 1.5 * radius + 300  # beyond the square's corners too
+    start = offset(lat, 20.0, -reach * math.cos(b) - side * math.sin(b), -reach * math.sin(b) + side * math.cos(b))
+    d = Drive(*start)
+    total = 2 * reach
+    steps = int(total / speed)
+    for k in range(1, steps + 1):
+        r, a = noise * rng.random(), rng.uniform(0, 2 * math.pi)
+        lat_k, lon_k = offset(*start, k * speed * math.cos(b) + r * math.cos(a), k * speed * math.sin(b) + r * math.sin(a))
+        d.fix(lat_k, lon_k, speed, bearing)
+    got = [t for t, _ in events(run([processor], d.records)) if t != "geofence_dwell"]
+    assert got == ["geofence_enter", "geofence_exit"]
