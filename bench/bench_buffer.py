@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_buffer.py ingest        # durable ingest rate at the default 1 s window
     .venv/bin/python bench/bench_buffer.py wear          # fsyncs (strace) and bytes written per record
     .venv/bin/python bench/bench_buffer.py drain         # a 24 h backlog at 1 Hz through Mosquitto to the collector
+    .venv/bin/python bench/bench_buffer.py agent         # the same drain by `telematics-agent run` (default config): its RSS
 
 Each prints one JSON line per run. ``wear`` re-runs itself under ``strace -f -c`` to count fsync and
 fdatasync calls; ``/proc/self/io``'s write_bytes counts what reached the block layer.
@@ -214,9 +215,72 @@ def bench_drain(args) -> dict:
             "batch_max_wait_s": args.batch_wait, "agent_side_peak_rss_mb_during_drain": round(peak_rss, 1)}
 
 
+def _vm_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_agent(args) -> dict:
+    """``telematics-agent run`` with the default config (a GPS pty that stays silent) drains a 24 h backlog
+    its buffer holds at start; reports the drain time and the agent process's peak resident memory."""
+    import pty
+
+    tools = Path(sys.executable).parent
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        port = _free_port()
+        (tmp / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+        broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(tmp / "mosquitto.conf")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs = [broker]
+        try:
+            buf = DurableBuffer(tmp / "agent", BufferConfig(), SystemClock())
+            buf.open()
+            for start in range(0, 86_400, 3_600):
+                buf.append([Record(utc=1.7e9 + i, mono=float(i), data=Fix(lat=48.1 + i * 1e-6, lon=11.5, speed_mps=13.9))
+                            for i in range(start, start + 3_600)])
+            buf.close()
+            master, slave = pty.openpty()
+            (tmp / "agent.yaml").write_text(
+                f"device:\n  id: truck-1\n  data_dir: {tmp / 'agent'}\ngps:\n  port: {os.ttyname(slave)}\n"
+                f"mqtt:\n  port: {port}\n"
+            )
+            db = tmp / "collector.sqlite"
+            procs.append(subprocess.Popen([str(tools / "telematics-collector"), "run", "--port", str(port), "--db", str(db),
+                                           "--log-level", "WARNING"]))
+            while not db.exists():
+                time.sleep(0.05)
+            time.sleep(0.5)
+            started = time.monotonic()
+            agent = subprocess.Popen([str(tools / "telematics-agent"), "run", "--config", str(tmp / "agent.yaml")],
+                                     stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "wb"))
+            procs.append(agent)
+            conn = sqlite3.connect(db, timeout=5)
+            peak = 0.0
+            while conn.execute("SELECT count(*) FROM records").fetchone()[0] < 86_400:
+                if agent.poll() is not None:
+                    raise SystemExit(f"the agent exited: {(tmp / 'agent.log').read_text()[-2000:]}")
+                peak = max(peak, _vm_rss_mb(agent.pid))
+                if time.monotonic() - started > 120:
+                    raise SystemExit("drain did not finish within 120 s")
+                time.sleep(0.05)
+            drained = time.monotonic() - started
+            for _ in range(20):  # a little longer at rest
+                peak = max(peak, _vm_rss_mb(agent.pid))
+                time.sleep(0.05)
+        finally:
+            for proc in reversed(procs):
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+    return {"bench": "agent", "backlog": 86_400, "seconds_including_start": round(drained, 2),
+            "agent_peak_rss_mb": round(peak, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["ingest", "wear", "drain"])
+    parser.add_argument("bench", choices=["ingest", "wear", "drain", "agent"])
     parser.add_argument("--records", type=int, default=500_000)
     parser.add_argument("--rate", type=float, default=5.0, help="wear: records/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="wear: how long")
@@ -227,7 +291,7 @@ def main() -> None:
     parser.add_argument("--under-strace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     for _ in range(args.runs):
-        print(json.dumps({"ingest": bench_ingest, "wear": bench_wear, "drain": bench_drain}[args.bench](args)), flush=True)
+        print(json.dumps({"ingest": bench_ingest, "wear": bench_wear, "drain": bench_drain, "agent": bench_agent}[args.bench](args)), flush=True)
     os._exit(0)
 
 
