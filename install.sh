@@ -67,6 +67,8 @@ FILES=(
     "firmware_config/system.conf.d-watchdog.conf /etc/systemd/system.conf.d/telematics-watchdog.conf 0644"
     "firmware_config/journald.conf.d-telematics.conf /etc/systemd/journald.conf.d/telematics.conf 0644"
     "firmware_config/50-telematics-poweroff.rules /etc/polkit-1/rules.d/50-telematics-poweroff.rules 0644"
+    "systemd/telematics-update@.service /etc/systemd/system/telematics-update@.service 0644"
+    "firmware_config/51-telematics-update.rules /etc/polkit-1/rules.d/51-telematics-update.rules 0644"
 )
 UNITS_ENABLED=(telematics-agent.service telematics-firstboot.service)
 
@@ -151,8 +153,10 @@ install_venv() {
         say "installing telematics-agent from $SRC"
         run "$py" -m pip install --quiet --upgrade "$SRC"
     fi
+    # Over-the-air updates switch this link between versions/<v> and "." (this venv) (docs/ota.md).
+    if [ ! -L "$ROOT$VENV/current" ]; then run ln -s . "$ROOT$VENV/current"; fi
     run install -d -m 0755 "$ROOT$DOC_DIR"
-    for doc in device.md operations.md; do
+    for doc in device.md operations.md ota.md certificates.md; do
         if [ -f "$SRC/docs/$doc" ]; then run install -m 0644 "$SRC/docs/$doc" "$ROOT$DOC_DIR/$doc"; fi
     done
     run install -m 0644 "$SRC/firmware_config/agent.example.yaml" "$ROOT$DOC_DIR/agent.example.yaml"

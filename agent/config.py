@@ -208,10 +208,9 @@ class UpdateConfig(_Section):
     # This many restarts of the new version within the health window is a crash loop: roll back at once.
     max_restarts: PositiveInt = 2
     keep_versions: Annotated[int, msgspec.Meta(ge=2)] = 2  # installed versions kept (current and previous)
-    # Runs the root-only install step outside the agent's sandbox: this prefix, then the running
-    # version's `telematics-agent update apply ...` ([] in tests: a plain child process).
-    apply_launcher: list[str] = msgspec.field(default_factory=lambda: [
-        "systemd-run", "--unit=telematics-update", "--collect", "--quiet"])
+    # The root-only install step runs as the unit {apply_unit}@{version}.service (systemd/, allowed
+    # to the agent's user by a polkit rule); None: a child process of the agent (tests, no systemd).
+    apply_unit: str | None = "telematics-update"
 
 
 class CertificatesConfig(_Section):

@@ -27,6 +27,8 @@ INSTALLED = {
     ("etc/systemd/system.conf.d/telematics-watchdog.conf", "f", 0o644),
     ("etc/systemd/journald.conf.d/telematics.conf", "f", 0o644),
     ("etc/polkit-1/rules.d/50-telematics-poweroff.rules", "f", 0o644),
+    ("etc/systemd/system/telematics-update@.service", "f", 0o644),
+    ("etc/polkit-1/rules.d/51-telematics-update.rules", "f", 0o644),
 }
 # What the installation owns that --uninstall keeps: the user, the config and the data.
 KEPT = {

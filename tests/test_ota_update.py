@@ -7,6 +7,7 @@ working one stays."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import ssl
@@ -23,7 +24,7 @@ from agent.clock import SystemClock
 from agent.config import load_config, parse_config
 from agent.ota.install import Layout
 from agent.ota.release import sha256_file
-from agent.ota.update import STATE_NAME, Updater, apply_update, parse_request
+from agent.ota.update import STATE_NAME, Updater, apply_update, archive_path, parse_request
 from agent.processors.state import StateFile
 from conftest import wait_until
 from ota_helpers import Supervisor
@@ -41,7 +42,7 @@ def make_config(tmp_path: Path, ota_releases, port: int = 1883, **update) -> tup
                  "ack_timeout_s": 3.0},
         "status": {"interval_s": 0.5},
         "update": {"public_key": str(ota_releases.public_key_path), "python": sys.executable,
-                   "install_root": str(tmp_path / "opt"), "apply_launcher": [], **update},
+                   "install_root": str(tmp_path / "opt"), **update},
     }
     path = tmp_path / "agent.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -88,23 +89,33 @@ def publish(https, archive: Path, name: str | None = None) -> dict:
             "sha256": sha256_file(archive), "url": f"{https.url}/{name}"}
 
 
-def updater_for(tmp_path, ota_releases, https, **update) -> tuple[Updater, Emitted, Path]:
-    out = tmp_path / "launched.txt"
-    path, config = make_config(tmp_path, ota_releases, ca_file=https.ca_file,
-                               apply_launcher=["/bin/sh", "-c", f'echo "$@" > {out}', "sh"], **update)
+@pytest.fixture
+def systemctl(tmp_path, monkeypatch) -> Path:
+    """A `systemctl` first in PATH that notes what it was asked (this machine runs no systemd);
+    the file it writes is returned."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    out = tmp_path / "systemctl.txt"
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$@" > {out}\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return out
+
+
+def updater_for(tmp_path, ota_releases, https, **update) -> tuple[Updater, Emitted]:
+    path, config = make_config(tmp_path, ota_releases, ca_file=https.ca_file, **update)
     emitted = Emitted()
-    return Updater(config, path, None, emitted.append, SystemClock()), emitted, out
+    return Updater(config, path, None, emitted.append, SystemClock()), emitted
 
 
-def test_a_verified_download_is_handed_to_the_install_step(ota_releases, https, tmp_path):
-    updater, emitted, launched = updater_for(tmp_path, ota_releases, https)
+def test_a_verified_download_is_handed_to_the_install_step(ota_releases, https, tmp_path, systemctl):
+    updater, emitted = updater_for(tmp_path, ota_releases, https)
     args = publish(https, ota_releases.release("0.2.0"))
     assert updater.handle(args) == {"accepted": True, "version": "0.2.0"}
-    wait_until(launched.exists, 30, message="the install step started")
-    argv = launched.read_text().split()
-    archive = Path(argv[-1])
-    assert argv[1:4] == ["update", "apply", "--config"] and argv[0].endswith("/bin/telematics-agent")
-    assert archive.parent == Path(updater.config.device.data_dir) / "updates" and sha256_file(archive) == args["sha256"]
+    wait_until(systemctl.exists, 30, message="the install step started")
+    assert systemctl.read_text().split() == ["start", "--no-block", "telematics-update@0.2.0.service"]
+    # Where the unit's `update apply --version 0.2.0` finds it:
+    assert sha256_file(archive_path(updater.config, "0.2.0")) == args["sha256"]
     assert emitted == []
 
 
@@ -113,12 +124,12 @@ def test_a_verified_download_is_handed_to_the_install_step(ota_releases, https, 
     ("wrong_hash", "hash"),
     ("wrong_version", "version"),
 ])
-def test_a_bad_archive_is_refused_before_install_and_reported(ota_releases, https, tmp_path, case, reason):
+def test_a_bad_archive_is_refused_before_install_and_reported(ota_releases, https, tmp_path, systemctl, case, reason):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from agent.ota.release import sign_archive
 
-    updater, emitted, launched = updater_for(tmp_path, ota_releases, https)
+    updater, emitted = updater_for(tmp_path, ota_releases, https)
     archive = ota_releases.release("0.2.0")
     if case == "other_key":
         archive = Path(shutil.copy2(ota_releases.release("0.2.0", signed=False), tmp_path / "telematics-agent-0.2.0.tar"))
@@ -132,12 +143,12 @@ def test_a_bad_archive_is_refused_before_install_and_reported(ota_releases, http
     wait_until(lambda: emitted, 30, message="the refusal event")
     assert emitted.types() == ["update_refused"]
     assert emitted[0].data.attrs["reason"].startswith(reason) and emitted[0].data.attrs["version"] == args["version"]
-    assert not launched.exists()
+    assert not systemctl.exists()
     assert not list((Path(updater.config.device.data_dir) / "updates").glob("*.tar"))  # not kept, not resumed
 
 
 def test_a_downgrade_is_refused_before_downloading(ota_releases, https, tmp_path):
-    updater, emitted, _ = updater_for(tmp_path, ota_releases, https, min_version="0.5.0")
+    updater, emitted = updater_for(tmp_path, ota_releases, https, min_version="0.5.0")
     args = publish(https, ota_releases.release("0.2.0"))
     with pytest.raises(ValueError, match=r"refused \(downgrade\): version 0.2.0 is below the floor 0.5.0"):
         updater.handle(args)
@@ -295,7 +306,7 @@ def test_install_then_a_broken_update_rolls_back_and_a_working_one_stays(ota_rel
         collector.stop()
 
 
-def test_an_update_over_mqtt_chunks_from_the_backend(ota_releases, tmp_path, mosquitto):
+def test_an_update_over_mqtt_chunks_from_the_backend(ota_releases, tmp_path, mosquitto, systemctl):
     from collector.ota_chunks import ChunkServer
     from test_remote import PahoLink
 
@@ -303,9 +314,7 @@ def test_an_update_over_mqtt_chunks_from_the_backend(ota_releases, tmp_path, mos
     releases = tmp_path / "releases"
     releases.mkdir()
     shutil.copy2(archive, releases / archive.name)
-    out = tmp_path / "launched.txt"
-    path, config = make_config(tmp_path, ota_releases, mosquitto.port, chunk_idle_s=2.0,
-                               apply_launcher=["/bin/sh", "-c", f'echo "$@" > {out}', "sh"])
+    path, config = make_config(tmp_path, ota_releases, mosquitto.port, chunk_idle_s=2.0)
     link = PahoLink(mosquitto.port)
     server = ChunkServer("127.0.0.1", mosquitto.port, "telematics", releases).start()
     emitted = Emitted()
@@ -316,9 +325,8 @@ def test_an_update_over_mqtt_chunks_from_the_backend(ota_releases, tmp_path, mos
         chunk_size = 256 * 1024
         updater.handle({"version": "0.2.0", "size": archive.stat().st_size, "sha256": sha256_file(archive),
                         "mqtt": {"chunk_size": chunk_size}})
-        wait_until(out.exists, 120, message="the install step started")
-        downloaded = Path(out.read_text().split()[-1])
-        assert sha256_file(downloaded) == sha256_file(archive) and emitted == []
+        wait_until(systemctl.exists, 120, message="the install step started")
+        assert sha256_file(archive_path(config, "0.2.0")) == sha256_file(archive) and emitted == []
         assert server.counts["chunks"] >= -(-archive.stat().st_size // chunk_size)
     finally:
         updater.close()

@@ -1,6 +1,7 @@
-"""``telematics-agent update apply ARCHIVE``: the root-only install step of an over-the-air update.
+"""``telematics-agent update apply (ARCHIVE | --version V)``: the root-only install step of an update.
 
-The running agent starts it (``update.apply_launcher``) after downloading and verifying ARCHIVE;
+The running agent starts it (as ``telematics-update@V.service``) after downloading and verifying
+the archive into ``{data_dir}/updates/telematics-agent-V.tar``;
 it verifies again, installs side by side, switches ``current``, restarts the service, and rolls
 back when the new version is not healthy in time (docs/ota.md). It prints the outcome as JSON.
 """
@@ -21,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     apply = sub.add_parser("apply", help="install a downloaded release, switch to it, roll back if unhealthy")
     apply.add_argument("--config", default=DEFAULT_CONFIG, help=f"the agent's config (default {DEFAULT_CONFIG})")
-    apply.add_argument("archive")
+    which = apply.add_mutually_exclusive_group(required=True)
+    which.add_argument("archive", nargs="?", help="the release archive")
+    which.add_argument("--version", dest="release_version", help="the downloaded release of this version")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CommandError(str(exc)) from exc
     setup_logging(config.logging.level)
-    archive = Path(args.archive)
+    from agent.ota.update import archive_path
+
+    archive = Path(args.archive) if args.archive else archive_path(config, args.release_version)
     if not archive.is_file():
         raise CommandError(f"no archive {archive}")
     state = apply_update(archive, config, args.config, Layout(Path(config.update.install_root)),

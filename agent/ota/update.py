@@ -3,8 +3,9 @@
 The agent (user ``telematics``, read-only /opt) serves the ``update`` command: it checks the
 request, downloads the archive into ``{data_dir}/updates/``, verifies it (size, sha256, signature,
 every file, version floor) and only then starts ``telematics-agent update apply`` outside its
-sandbox (``update.apply_launcher``, a transient systemd unit). A refusal is an
-``update_refused`` event at once.
+sandbox: ``systemctl start telematics-update@{version}.service`` (``update.apply_unit``; a polkit
+rule lets the agent's user start that unit and nothing else). A refusal is an ``update_refused``
+event at once.
 
 The apply step (root) verifies the archive again, installs it side by side, switches ``current``,
 restarts the service and watches the new version's health; a version that is not healthy in time,
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 STATE_NAME = "update"  # {data_dir}/update.json, written by the apply step
 REPORTED_NAME = "update-reported"  # {data_dir}/update-reported.json, the agent's: outcomes already sent
-VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z.+!-]{0,63}$")
+# Release versions (PEP 440 public versions without epochs or local labels): also systemd instance names.
+VERSION_RE = re.compile(r"^[0-9][0-9A-Za-z._-]{0,63}$")
 LOG_TAIL_LINES = 20
 POLL_S = 2.0
 
@@ -137,7 +139,7 @@ class Updater:
         try:
             archive = self.fetch(request)
             self.verify(archive, request)
-            self.launch_apply(archive)
+            self.launch_apply(request["version"], archive)
         except UpdateRefused as exc:
             self._refused(request["version"], exc)
         except (download.DownloadFailed, ReleaseError, OSError) as exc:
@@ -152,7 +154,7 @@ class Updater:
     def fetch(self, request: dict[str, Any]) -> Path:
         """Download the archive into {data_dir}/updates/ (resuming what an earlier attempt left)."""
         self.updates_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.updates_dir / f"telematics-agent-{request['version']}.tar"
+        dest = archive_path(self.config, request["version"])
         rate = download.ByteRate(self.config.update.max_bytes_per_s, self._stop)
         log.info("downloading version %s (%d bytes) over %s", request["version"], request["size"],
                  "HTTPS" if "url" in request else "MQTT")
@@ -186,13 +188,26 @@ class Updater:
         log.info("version %s verified: signature, %d files, size and sha256", release.version,
                  len(release.manifest["files"]))
 
-    def launch_apply(self, archive: Path) -> subprocess.Popen:
-        """Start the root-only apply step, detached: it outlives this process's restart."""
-        exe = Path(sys.prefix) / "bin" / "telematics-agent"
+    def launch_apply(self, version: str, archive: Path) -> None:
+        """Start the root-only apply step outside this process: it outlives the agent's restart."""
+        unit = self.config.update.apply_unit
+        if unit:
+            name = f"{unit}@{version}.service"
+            log.info("starting the install step %s", name)
+            proc = subprocess.run(["systemctl", "start", "--no-block", name], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise UpdateRefused("install", f"cannot start {name}: {proc.stderr.strip() or proc.returncode}")
+            return
+        # No systemd: a child in its own session (it survives the agent's restart by the apply step).
         config = ["--config", str(self.config_path)] if self.config_path else []
-        argv = [*self.config.update.apply_launcher, str(exe), "update", "apply", *config, str(archive)]
+        argv = [str(Path(sys.prefix) / "bin" / "telematics-agent"), "update", "apply", *config, str(archive)]
         log.info("starting the install step: %s", " ".join(argv))
-        return subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
+        subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
+
+
+def archive_path(config: Config, version: str) -> Path:
+    """Where the download of ``version`` goes, and where the apply step finds it."""
+    return Path(config.device.data_dir) / "updates" / f"telematics-agent-{version}.tar"
 
 
 def parse_request(args: dict[str, Any]) -> dict[str, Any]:
