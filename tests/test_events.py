@@ -350,3 +350,14 @@ def test_restart_while_idling_and_in_a_trip(data_dir):
     assert trip_end["duration_s"] == next(a for t, a in whole if t == "trip_end")["duration_s"]
     # Distance is saved once a minute: all of it was driven after the restart here.
     assert trip_end["distance_m"] == pytest.approx(1500, abs=25)
+
+
+def test_driving_away_from_a_customer_nearby_is_no_approach():
+    fences = collection(circle("cust", "customer_stop", *offset(*DEPOT, 400, 0), 40, approach_m=800))
+    d = Drive(*DEPOT)
+    d.stay(10).go(-1500, 0, 15)  # away from the customer 400 m north
+    assert events(run(chain(fences).processors, d.records)) == [("trip_start", {"source": "movement", "utc": d.records[10].utc})]
+    d = Drive(*DEPOT)
+    d.stay(10).go(300, 0, 15)  # towards it
+    got = [(t, a["distance_m"]) for t, a in events(run(chain(fences).processors, d.records)) if t == "stop_approach"]
+    assert got == [("stop_approach", 330)]  # on the second fix that came closer: 30 m nearer than the first

@@ -316,7 +316,7 @@ class _Index:
 class _FenceState:
     """Bookkeeping for one fence the truck is in, near, or was announced at."""
 
-    __slots__ = ("inside", "since", "dwell_done", "pending", "armed")
+    __slots__ = ("inside", "since", "dwell_done", "pending", "armed", "closing")
 
     def __init__(self, inside: bool = False, since: float | None = None, dwell_done: bool = False, armed: bool = True) -> None:
         self.inside = inside
@@ -324,9 +324,10 @@ class _FenceState:
         self.dwell_done = dwell_done
         self.pending: tuple[float, float, float] | None = None  # (utc, lat, lon) of a side change
         self.armed = armed  # an approach may still be announced
+        self.closing: float | None = None  # metres away at the last fix, while within the approach radius
 
     def idle(self) -> bool:
-        return not self.inside and self.pending is None and self.armed
+        return not self.inside and self.pending is None and self.armed and self.closing is None
 
 
 class GeofenceProcessor:
@@ -438,10 +439,17 @@ class GeofenceProcessor:
         elif not st.inside:
             distance = -d
             if st.armed and 0 < distance <= approach and speed is not None and speed >= _MIN_APPROACH_SPEED_MPS:
-                st.armed, changed = False, True
-                events.append(_event(utc, mono, "stop_approach", lat, lon, fence, distance_m=round(distance), eta_s=round(distance / speed)))
-            elif not st.armed and distance > approach + h:
-                st.armed, changed = True, True
+                # Only coming closer is an approach: not driving away from a customer nearby.
+                if st.closing is not None and distance < st.closing:
+                    st.armed, st.closing, changed = False, None, True
+                    events.append(_event(utc, mono, "stop_approach", lat, lon, fence, distance_m=round(distance),
+                                         eta_s=round(distance / speed)))
+                else:
+                    st.closing = distance
+            else:
+                st.closing = None
+                if not st.armed and distance > approach + h:
+                    st.armed, changed = True, True
         if st.idle():
             del self._states[fence.id]
         return changed
