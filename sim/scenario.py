@@ -343,6 +343,11 @@ class CanLine:
             self.link.unlink()
         self.link.symlink_to(path)
 
+    @property
+    def is_open(self) -> bool:
+        """The host has opened the adapter's channel (``O`` or ``L``)."""
+        return self.adapter is not None and self.adapter.is_open
+
     def unplug(self) -> None:
         adapter, self.adapter = self.adapter, None
         if self.link.is_symlink():
@@ -383,7 +388,6 @@ class Outcome:
     day_shift_s: float
     start_utc: float | None
     agent_log: str
-    faults_done: list[str]
     clock_steps: list[tuple[float, float | None]] = field(default_factory=list)  # (agent offset wanted, seen)
     offline: list[dict] | None = None  # `telematics-agent process` on what was sent
     change_signals: frozenset[str] = frozenset()  # signal names sampled on change (timing-independent)
@@ -392,6 +396,134 @@ class Outcome:
 
 
 # ---- running -------------------------------------------------------------------------------------
+
+
+class Rig:
+    """The running parts of one scenario and the state of feeding the agent; each fault action is a method.
+
+    ``send`` writes one line of the drive and keeps the account of what the agent was given: one
+    :class:`Stretch` per opening of the port by a living agent.
+    """
+
+    # Fault kind -> (the action that begins it, the action that ends it).
+    LASTING = {"agent_kill": ("agent_kill", "agent_start"), "serial_unplug": ("serial_unplug", "serial_plug"),
+               "broker_down": ("broker_down", "broker_up"), "can_adapter_loss": ("can_loss", "can_back")}
+    UNDO = frozenset(undo for _, undo in LASTING.values())
+
+    def __init__(self, workdir: Path, config, agent: AgentProcess, gps: SerialPort, broker: Broker,
+                 can_line: CanLine | None) -> None:
+        self.config, self.agent, self.gps, self.broker, self.can_line = config, agent, gps, broker, can_line
+        self.floor = _dt.datetime.combine(config.gps.rollover_floor, _dt.time(), _dt.timezone.utc).timestamp()
+        self.opens_wanted = 1  # the agent has the port open when its log shows this many openings
+        self.stretch: Stretch | None = None
+        self.stretches: list[Stretch] = []
+        self.may_lose: list[tuple[float, float]] = []  # wall-time windows before a kill or an unplug
+        self.corrupt_left = 0
+        self.prefix = b""  # garbage going out before the next line
+        self.clock_steps: list[tuple[float, float | None]] = []
+        self._watchers: list[threading.Thread] = []
+        self.sent_can = workdir / "sent.candump.log"
+        self._sent = (workdir / "sent.nmea").open("wb")
+
+    def send(self, line: bytes) -> None:
+        """Write one line of the drive (with any fault applied) and account for what the agent reads."""
+        data, self.prefix = self.prefix + line, b""
+        if self.corrupt_left and line.lstrip(b"\x00").startswith((b"$", b"!")) and b"*" in line:
+            data = data[: len(data) - len(line)] + corrupt_checksum(line)
+            self.corrupt_left -= 1
+        ready = self.gps.plugged and self.agent.alive() and self.agent.port_opens() >= self.opens_wanted
+        if ready and self.stretch is None:
+            self.stretch = Stretch(NmeaDecoder(self.config.gps.allow_missing_checksum, self.floor))
+            self.stretches.append(self.stretch)
+        written = self.gps.write(data) if self.gps.plugged else b""
+        self._sent.write(written)
+        if ready and written:
+            now = time.time()
+            self.stretch.feed(written, now, now + self.agent.clock_offset_s)
+
+    def _reader_gone(self, commit_window_s: float, flush: bool) -> None:
+        if self.stretch is not None and flush:
+            self.stretch.flush(time.time())  # the agent completes its epoch when the port goes
+        self.stretch = None
+        now = time.time()
+        self.may_lose.append((now - READ_GRACE_S - commit_window_s, now))
+
+    # -- the actions --
+
+    def agent_kill(self) -> None:
+        self._reader_gone(self.config.buffer.commit_window_s, flush=False)  # a kill loses the commit window
+        self.agent.kill()
+
+    def agent_start(self) -> None:
+        self.agent.start()
+        self.opens_wanted += 1
+
+    def serial_unplug(self) -> None:
+        self._reader_gone(0.0, flush=True)
+        self.gps.unplug()
+
+    def serial_plug(self) -> None:
+        self.gps.plug()
+        self.opens_wanted += 1
+
+    def garbage(self, junk: bytes) -> None:
+        self.prefix += junk
+
+    def checksum_errors(self, count: int) -> None:
+        self.corrupt_left += count
+
+    def broker_down(self) -> None:
+        self.broker.stop()
+
+    def broker_up(self) -> None:
+        self.broker.start()
+
+    def can_loss(self) -> None:
+        self.can_line.unplug()
+
+    def can_back(self) -> None:
+        self.can_line.plug()
+
+    def clock_step(self, step_s: float) -> None:
+        self.agent.step_clock(step_s)
+        watcher = threading.Thread(target=self._see_clock, args=(self.agent.clock_offset_s,), daemon=True)
+        watcher.start()
+        self._watchers.append(watcher)
+
+    def _see_clock(self, offset_s: float) -> None:
+        """Wait until the agent's status file (written by its wall clock every second) shows ``offset_s``."""
+        status = Path(self.config.device.data_dir) / "status.json"
+        deadline = time.monotonic() + CLOCK_SEEN_S
+        observed = None
+        while time.monotonic() < deadline:
+            try:
+                observed = json.loads(status.read_text())["updated_utc"] - time.time()
+            except (OSError, ValueError, KeyError):
+                pass
+            if observed is not None and abs(observed - offset_s) < CLOCK_SEEN_S:
+                break
+            time.sleep(0.2)
+        self.clock_steps.append((offset_s, None if observed is None else round(observed)))
+
+    # -- the end --
+
+    def drive_ended(self) -> None:
+        if self.stretch is not None:
+            self.stretch.flush(time.time())  # the line goes quiet: the agent completes the last epoch
+        for watcher in self._watchers:
+            watcher.join()
+
+    def expected_fixes(self) -> tuple[set[float], set[float]]:
+        """The fix times the agent must have stored, and those of them it may have lost (kill, unplug)."""
+        expected = {round(utc, 3) for st in self.stretches for utc, _ in st.fixes}
+        may_lose = {round(utc, 3) for st in self.stretches for utc, wall in st.fixes
+                    if any(lo <= wall <= hi for lo, hi in self.may_lose)}
+        return expected, may_lose
+
+    def close(self) -> None:
+        self._sent.close()
+
+
 
 
 class Runner:
@@ -439,8 +571,10 @@ class Runner:
         if self.s.inputs.geofences:
             wiring["edge"] = {"geofences": {"file": str(self.path(self.s.inputs.geofences))}}
         if can_link is not None:
-            bus = {"name": "can0", "interface": "slcan_buffered", "channel": str(can_link), "reopen_interval_s": 0.5}
-            wiring["can"] = {"buses": [merge(bus, (config.get("can") or {}).get("buses", [{}])[0])]}
+            # One bus, on the emulated adapter; the scenario may set its other keys (name, bitrate, ...).
+            bus = {"name": "can0", "reopen_interval_s": 0.5, **((config.get("can") or {}).get("buses") or [{}])[0],
+                   "interface": "slcan_buffered", "channel": str(can_link)}
+            wiring["can"] = {"buses": [bus]}
         return merge(config, wiring)
 
     def run(self) -> Outcome:
@@ -451,14 +585,18 @@ class Runner:
         s = self.s
         nmea = NmeaReplay(self.path(s.inputs.nmea), speed=self.speed, keep_dates=False, today=self.today,
                           start_s=s.start_s, end_s=s.end_s)
+        for fault in s.faults:
+            if not s.start_s <= fault.at <= nmea.end_s:
+                raise ScenarioError(f"the {fault.kind} fault at {fault.at:g} s is outside the drive played "
+                                    f"({s.start_s:g} to {nmea.end_s:g} s)")
         first_date = nmea.timeline.first_date
         day_shift_s = (self.today - first_date).days * DAY_S if first_date else 0.0
         gps = SerialPort(self.workdir / "gps0")
         can_line = CanLine(self.workdir / "can0") if s.inputs.can else None
         broker = Broker(self.workdir)
-        config_dict = self.agent_config(broker.port, gps.link, can_line.link if can_line else None)
         config_path = self.workdir / "agent.yaml"
-        config_path.write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        config_path.write_text(yaml.safe_dump(self.agent_config(broker.port, gps.link, can_line and can_line.link),
+                                              sort_keys=False))
         try:
             config = parse_config(config_path.read_text(), str(config_path))
         except ConfigError as exc:
@@ -467,17 +605,9 @@ class Runner:
         agent = AgentProcess(config_path, self.workdir / "agent.log", faketime)
         db = self.workdir / "collector.sqlite"
         collector = Collector("127.0.0.1", broker.port, TOPIC_PREFIX, db)
+        rig = Rig(self.workdir, config, agent, gps, broker, can_line)
         stop = threading.Event()
-        can_thread = None
-        floor = _dt.datetime.combine(config.gps.rollover_floor, _dt.time(), _dt.timezone.utc).timestamp()
-        stretches: list[Stretch] = []
-        may_lose_windows: list[tuple[float, float]] = []
-        done: list[str] = []
-        sent_can = self.workdir / "sent.candump.log"
-        sent_nmea = (self.workdir / "sent.nmea").open("wb")
-        can_replay = None
-        clock_steps: list[tuple[float, float | None]] = []
-        watchers: list[threading.Thread] = []
+        can_replay = can_thread = None
         try:
             broker.start()
             collector.start()
@@ -486,92 +616,39 @@ class Runner:
                 can_line.plug()
             agent.start()
             self._wait(lambda: agent.port_opens() >= 1 or not agent.alive(), 60, "the agent opening the GPS port")
+            if can_line is not None:
+                self._wait(lambda: can_line.is_open or not agent.alive(), 60, "the agent opening the CAN adapter")
             if not agent.alive():
                 raise ScenarioError(f"the agent exited at start with status {agent.proc.returncode}:\n"
                                     + _tail(agent.log_text()))
-            opens_wanted = 1
             clock = DriveClock(self.speed)
             if can_line is not None:
                 frames = load_candump(self.path(s.inputs.can))
                 can_replay = CanReplay(frames, can_line.deliver, lead_s=can_lead_s(nmea.timeline, frames),
                                        start_s=nmea.start_s, end_s=nmea.end_s)
                 # The frames to be sent, with their recorded time stamps (the replay re-stamps them).
-                with can.CanutilsLogWriter(str(sent_can), channel="can0") as writer:
+                with can.CanutilsLogWriter(str(rig.sent_can), channel="can0") as writer:
                     for _, msg in can_replay.frames:
                         writer.on_message_received(msg)
                 can_thread = threading.Thread(target=can_replay.run, args=(stop, clock), name="can-replay", daemon=True)
                 can_thread.start()
             actions = self._actions()
-            corrupt_left = 0
-            stretch: Stretch | None = None
             for offset, data in nmea.lines:
                 while actions and actions[0][0] <= offset:
-                    at, name, act = actions.pop(0)
-                    if not clock.wait_until(at, stop):
-                        break
-                    self.echo(f"  {at:7.1f} s  {name}")
-                    done.append(name)
-                    kind = act[0]
-                    if kind in ("agent_kill", "serial_unplug"):
-                        if stretch is not None:
-                            if kind == "serial_unplug":
-                                stretch.flush(time.time())  # the agent completes its epoch when the port goes
-                            stretch = None
-                        # A kill loses the commit window; both may lose what was written but not yet read.
-                        grace = READ_GRACE_S + (config.buffer.commit_window_s if kind == "agent_kill" else 0.0)
-                        may_lose_windows.append((time.time() - grace, time.time()))
-                        if kind == "agent_kill":
-                            agent.kill()
-                        else:
-                            gps.unplug()
-                    elif kind == "agent_start":
-                        agent.start()
-                        opens_wanted += 1
-                    elif kind == "serial_plug":
-                        gps.plug()
-                        opens_wanted += 1
-                    elif kind == "garbage":
-                        data = act[1] + data
-                    elif kind == "checksum_errors":
-                        corrupt_left += act[1]
-                    elif kind == "broker_down":
-                        broker.stop()
-                    elif kind == "broker_up":
-                        broker.start()
-                    elif kind == "can_loss":
-                        can_line.unplug()
-                    elif kind == "can_back":
-                        can_line.plug()
-                    elif kind == "clock_step":
-                        agent.step_clock(act[1])
-                        watcher = threading.Thread(target=self._see_clock, args=(agent.clock_offset_s, clock_steps),
-                                                   daemon=True)
-                        watcher.start()
-                        watchers.append(watcher)
-                if not clock.wait_until(offset, stop):
-                    break
-                if corrupt_left and data.lstrip(b"\x00").startswith((b"$", b"!")) and b"*" in data:
-                    data = corrupt_checksum(data)
-                    corrupt_left -= 1
-                ready = gps.plugged and agent.alive() and agent.port_opens() >= opens_wanted
-                if ready and stretch is None:
-                    stretch = Stretch(NmeaDecoder(config.gps.allow_missing_checksum, floor))
-                    stretches.append(stretch)
-                written = gps.write(data) if gps.plugged else b""
-                sent_nmea.write(written)
-                if ready and written:
-                    stretch.feed(written, time.time(), time.time() + agent.clock_offset_s)
-            for at, name, act in actions:  # faults that end after the drive: undo them now
-                self.echo(f"  {at:7.1f} s  {name} (after the drive)")
-                {"agent_start": agent.start, "serial_plug": gps.plug, "broker_up": broker.start,
-                 "can_back": can_line.plug if can_line else None}.get(act[0], lambda: None)()
-            if stretch is not None:
-                stretch.flush(time.time())  # the line goes quiet: the agent completes the last epoch
-            for watcher in watchers:
-                watcher.join()
+                    at, description, action, args = actions.pop(0)
+                    clock.wait_until(at, stop)
+                    self.echo(f"  {at:7.1f} s  {description}")
+                    getattr(rig, action)(*args)
+                clock.wait_until(offset, stop)
+                rig.send(data)
+            for at, description, action, args in actions:  # faults that would end after the drive end now
+                if action in Rig.UNDO:
+                    self.echo(f"  {at:7.1f} s  {description} (at the end of the drive)")
+                    getattr(rig, action)(*args)
+            rig.drive_ended()
             if can_thread is not None:
                 can_thread.join(max(1.0, (nmea.duration_s + 5) / self.speed))
-            self._settle(db, agent)
+            self._settle(db)
             records = stored(db)
             log_text = agent.log_text()
         finally:
@@ -582,16 +659,30 @@ class Runner:
             gps.unplug()
             if can_line is not None:
                 can_line.unplug()
-            sent_nmea.close()
-        offline = self._process(config_path, sent_can if can_line else None) if s.expect.same_as_process else None
+            rig.close()
+        offline = self._process(config_path, rig.sent_can if can_line else None) if s.expect.same_as_process else None
         change = frozenset(sig.name or sig.signal for sig in (config.can.signals if config.can else [])
                            if sig.policy == "change")
-        expected = {round(utc, 3) for st in stretches for utc, _ in st.fixes}
-        may_lose = {round(utc, 3) for st in stretches for utc, wall in st.fixes
-                    if any(lo <= wall <= hi for lo, hi in may_lose_windows)}
+        expected, may_lose = rig.expected_fixes()
         start_utc = nmea.timeline.start_utc + day_shift_s + s.start_s if nmea.timeline.start_utc is not None else None
-        return Outcome(records, expected, may_lose, day_shift_s, start_utc, log_text, done, clock_steps, offline,
+        return Outcome(records, expected, may_lose, day_shift_s, start_utc, log_text, rig.clock_steps, offline,
                        change, can_replay.sent if can_replay else 0, can_line.dropped if can_line else 0)
+
+    def _process(self, config_path: Path, can_log: Path | None) -> list[dict]:
+        """``telematics-agent process`` on the NMEA bytes and CAN frames this run sent, with the agent's config."""
+        args = [str(Path(sys.executable).parent / "telematics-agent"), "process", "--nmea",
+                str(self.workdir / "sent.nmea"), "--config", str(config_path)]
+        if can_log is not None:
+            args += ["--can", str(can_log)]
+        if self.s.inputs.geofences:
+            args += ["--geofences", str(self.path(self.s.inputs.geofences))]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=self.s.timeout_s)
+        if result.returncode != 0:
+            raise ScenarioError(f"telematics-agent process failed: {result.stderr.strip()}")
+        out = [json.loads(line) for line in result.stdout.splitlines()]
+        for line in out:
+            line["utc"] = parse_iso_utc(line["time"])
+        return out
 
     def _process(self, config_path: Path, can_log: Path | None) -> list[dict]:
         """``telematics-agent process`` on the NMEA bytes and CAN frames this run sent, with the agent's config."""
@@ -624,24 +715,22 @@ class Runner:
             time.sleep(0.2)
         seen.append((offset_s, None if observed is None else round(observed)))
 
-    def _actions(self) -> list[tuple[float, str, tuple]]:
-        """The faults as (drive second, description, action) in time order; lasting ones end with an undo."""
-        out: list[tuple[float, str, tuple]] = []
+    def _actions(self) -> list[tuple[float, str, str, tuple]]:
+        """The faults as (drive second, description, Rig method, its arguments) in time order; a lasting
+        fault is two actions, its start and its end."""
+        out: list[tuple[float, str, str, tuple]] = []
         for f in self.s.faults:
             at = f.at - self.s.start_s
-            lasting = {"agent_kill": "agent_start", "serial_unplug": "serial_plug", "broker_down": "broker_up",
-                       "can_adapter_loss": "can_back"}
             if f.kind == "garbage":
-                junk = random.Random(f.seed).randbytes(f.bytes)
-                out.append((at, f"garbage: {f.bytes} random bytes", ("garbage", junk)))
+                out.append((at, f"garbage: {f.bytes} random bytes", "garbage", (random.Random(f.seed).randbytes(f.bytes),)))
             elif f.kind == "checksum_errors":
-                out.append((at, f"checksum errors in {f.count} sentences", ("checksum_errors", f.count)))
+                out.append((at, f"checksum errors in {f.count} sentences", "checksum_errors", (f.count,)))
             elif f.kind == "clock_step":
-                out.append((at, f"the agent's clock steps {f.step_s:+g} s", ("clock_step", f.step_s)))
+                out.append((at, f"the agent's clock steps {f.step_s:+g} s", "clock_step", (f.step_s,)))
             else:
-                first = "can_loss" if f.kind == "can_adapter_loss" else f.kind
-                out.append((at, f"{f.kind} for {f.for_s:g} s", (first,)))
-                out.append((at + f.for_s, f"{f.kind} ends", (lasting[f.kind],)))
+                begin, undo = Rig.LASTING[f.kind]
+                out.append((at, f"{f.kind} for {f.for_s:g} s", begin, ()))
+                out.append((at + f.for_s, f"{f.kind} ends", undo, ()))
         return sorted(out, key=lambda a: a[0])
 
     def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -651,7 +740,7 @@ class Runner:
                 raise ScenarioError(f"timed out after {timeout:g} s waiting for {what}")
             time.sleep(0.05)
 
-    def _settle(self, db: Path, agent: AgentProcess) -> None:
+    def _settle(self, db: Path) -> None:
         """Wait until the collector has stored nothing new for SETTLE_S (bounded by the scenario's timeout)."""
         deadline = time.monotonic() + self.s.timeout_s
         last, since = -1, time.monotonic()
