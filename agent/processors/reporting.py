@@ -3,8 +3,8 @@ the geofence and event processors before this one thins them.
 
 A fix is reported when, since the last reported one, the profile's period, distance, heading change
 or speed change is exceeded; when the truck switches between the moving and the parked profile;
-and at every event (the fix that comes with it). On top of these (what commercial trackers do), the
-moving profile bounds the error of the backend's map: before the track since the last report
+and at every event (the fix that comes with it). On top of these (what commercial trackers do),
+each profile bounds the error of the backend's map: before the track since the last report
 strays more than ``tolerance_m`` from the straight, constant-speed line between two reports
 (linear interpolation in time, what the backend draws), the previous fix is reported. That fix is
 therefore sent one fix late; everything else at once. ``flush()`` returns a fix still held back
