@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.config import DiagnosticsConfig, DrivingConfig, EdgeConfig, GeofencesConfig, StopsConfig
 from agent.geo import offset
@@ -361,3 +363,19 @@ def test_driving_away_from_a_customer_nearby_is_no_approach():
     d.stay(10).go(300, 0, 15)  # towards it
     got = [(t, a["distance_m"]) for t, a in events(run(chain(fences).processors, d.records)) if t == "stop_approach"]
     assert got == [("stop_approach", 330)]  # on the second fix that came closer: 30 m nearer than the first
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), noise=st.floats(0, 8), minutes=st.integers(3, 20), speed=st.floats(5, 25))
+def test_a_stop_with_gps_noise_is_one_arrival_and_one_departure(seed, noise, minutes, speed):
+    rng = random.Random(seed)
+    d = Drive(*DEPOT)
+    d.stay(5).leg(*offset(*DEPOT, 800, 0), speed)
+    arrived = d.t
+    d.stay(minutes * 60, noise_m=noise, rng=rng)
+    departed = d.t
+    d.leg(*offset(*DEPOT, 1600, 300), speed)
+    got = [(t, a) for t, a in events(run(chain(collection()).processors, d.records)) if t.startswith("stop")]
+    assert [t for t, _ in got] == ["stop_arrive", "stop_depart"]
+    assert abs(got[0][1]["utc"] - arrived) <= 1 and abs(got[1][1]["utc"] - departed) <= 1
+    assert abs(got[1][1]["dwell_s"] - minutes * 60) <= 2
