@@ -5,8 +5,8 @@ Healthy means, all at once, within ``update.health_timeout_s`` of the switch:
   (a crash loop fails at once, without waiting out the timeout);
 - the systemd watchdog keeps coming: a ``WATCHDOG=1`` since the switch, the last one recent;
 - ``{data_dir}/status.json`` is written by that very process (its pid, the new version) and says
-  the broker link is up, the buffer has committed records, and the collector acknowledged some
-  (counters of this process: a new version that cannot commit or get acks never passes).
+  the broker link is up, the buffer has committed records, and some were acknowledged (counters
+  of this process: a new version that cannot commit or get acks never passes).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def check_once(state: ServiceState, status: dict[str, Any], version: str, since_
         missing.append("broker not connected")
     if not buffer.get("commits"):
         missing.append("no records committed")
-    if not broker.get("last_ack_utc"):
+    if not broker.get("acked_batches"):  # by the collector, or the broker's PUBACK with mqtt.ack: broker
         missing.append("no records acknowledged")
     return missing
 
