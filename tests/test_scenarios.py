@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.decode.nmea import NmeaDecoder, checksum
 from conftest import REPO
@@ -65,6 +67,9 @@ def test_a_broken_expectation_fails_with_a_readable_difference(tmp_path):
     ("name: x\ninputs: {nmea: nowhere.nmea}\n", "inputs.nmea"),
     (f"name: x\ninputs: {{nmea: {DRIVE}}}\nfaults: [{{at: 1, kind: meteor}}]\n", "meteor"),
     (f"name: x\ninputs: {{nmea: {DRIVE}}}\nexpect: {{typo: 1}}\n", "unknown field `typo`"),
+    (f"name: x\ninputs: {{nmea: {DRIVE}}}\nfaults: [{{at: 900, kind: agent_kill}}]\n", "outside the drive played"),
+    (f"name: x\ninputs: {{nmea: {DRIVE}, can: {DRIVE.with_suffix('.candump.log')}}}\n"
+     "faults: [{at: 9, kind: clock_step, step_s: 60}]\n", "clock_step cannot be combined with inputs.can"),
 ])
 def test_a_bad_scenario_is_one_line_and_exit_2(tmp_path, text, problem):
     path = tmp_path / "bad.yaml"
@@ -75,11 +80,14 @@ def test_a_bad_scenario_is_one_line_and_exit_2(tmp_path, text, problem):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_corrupted_checksum_is_rejected():
-    body = b"GPRMC,083000.00,A,5200.35957,N,00420.85059,E,0.040,90.00,020326,,,A"
-    good = b"$%s*%02X\r\n" % (body, checksum(body))
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=1, max_size=70).map(lambda b: bytes(c for c in b if 0x20 <= c < 0x7F and c not in b"$*!\\")),
+       st.sampled_from([b"\r\n", b"\n"]))
+def test_a_corrupted_checksum_is_one_character_changed_and_rejected(body, ending):
+    body = b"GPRMC," + body
+    good = b"$%s*%02X%s" % (body, checksum(body), ending)
     bad = corrupt_checksum(good)
-    assert bad != good and len(bad) == len(good) and bad.endswith(b"\r\n")
+    assert len(bad) == len(good) and sum(a != b for a, b in zip(good, bad)) == 1 and bad.endswith(ending)
     for line, bad_count in ((good, 0), (bad, 1)):
         decoder = NmeaDecoder()
         decoder.feed(line)
