@@ -99,7 +99,7 @@ class Agent:
             sources.extend(CanSource(self.config.can, self.clock, bus) for bus in self.config.can.buses)
         return sources
 
-    def build_processors(self, fence_set=None) -> list[Processor]:
+    def build_processors(self, fence_set=None, fence_version: str | None = None) -> list[Processor]:
         """The processors, in the order records pass through them: the fix filter first (a bad fix
         must not reach the geofences), then the edge chain, whose last step thins positions."""
         from agent.processors.edge import EdgeChain
@@ -113,7 +113,7 @@ class Agent:
             return now if now >= floor else None  # a Pi without RTC boots in 1970 or at fake-hwclock's time
 
         self.fix_filter = FixFilter(self.config.gps.filter, trusted_wall)
-        self.edge = EdgeChain(self.config.edge, self.data_dir, fence_set)
+        self.edge = EdgeChain(self.config.edge, self.data_dir, fence_set, fence_version)
         return [self.fix_filter, *self.edge.processors]
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class Agent:
                              config_hash=config_version)
         heartbeat = Heartbeat(PIPELINE_HUNG_S)
         try:
-            processors = self.build_processors(self._remote_fences())
+            processors = self.build_processors(*self._remote_fences())
         except ValueError as exc:  # GeofenceError and friends: a clear message, not a traceback
             raise StartupError(str(exc)) from exc
         self.pipeline = Pipeline(processors, self.buffer, on_turn=heartbeat.beat)
@@ -171,15 +171,15 @@ class Agent:
 
         return config_version(self.config)
 
-    def _remote_fences(self):
-        """A fence set received over MQTT earlier overrides the configured file."""
+    def _remote_fences(self) -> tuple[Any, str | None]:
+        """A fence set received over MQTT earlier (and its version) overrides the configured file."""
         from agent.ops.remote import RemoteStore
         from agent.processors.geofence import GeofenceSet
 
         fences = RemoteStore(self.data_dir).fences
         if fences is None:
-            return None
-        return GeofenceSet.from_geojson(json.dumps(fences["geojson"]))
+            return None, None
+        return GeofenceSet.from_geojson(json.dumps(fences["geojson"])), fences.get("version")
 
     def _provide_status(self, config_version: str) -> None:
         board = self.board
@@ -308,6 +308,9 @@ class Agent:
         self._pipeline_stop.set()
         self._join(lambda t: t.name == "pipeline", timeout)
         if self.buffer is not None:
+            if self.edge is not None:
+                # The position the adaptive reporter held back is the truck's last known place.
+                self.buffer.append(self.edge.reporter.flush())
             self.buffer.flush()
         self._link_stop.set()
         self._join(lambda t: t.name == "link", timeout)
