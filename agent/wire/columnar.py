@@ -314,6 +314,8 @@ def _text_column(values: list[str | None]) -> list[str | None] | str | None:
 
 
 def _check_attrs(attrs: dict[str, Scalar]) -> dict[str, Scalar]:
+    if "__proto__" in attrs:  # JavaScript decoders refuse it (prototype pollution): docs/wire-format.md
+        raise WireError("v2: an attribute may not be named __proto__")
     for key, value in attrs.items():
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53 - 1:
             raise WireError(f"v2: attribute {key!r} = {value} is beyond +-(2**53 - 1), which JSON numbers cannot hold")
