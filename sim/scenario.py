@@ -991,6 +991,7 @@ def run_scenario(path: str | Path, workdir: Path, *, speed: float | None = None,
                  echo: Callable[[str], None] = lambda line: None) -> tuple[Scenario, list[Check], Outcome]:
     """Load, run and judge one scenario file (the test suite's and the command's entry point)."""
     scenario, base = load_scenario(path)
+    workdir.mkdir(parents=True, exist_ok=True)
     runner = Runner(scenario, base, workdir, speed=speed, echo=echo)
     echo(f"scenario {scenario.name}: {scenario.description.strip()}" if scenario.description else
          f"scenario {scenario.name}")

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import can
+import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +19,7 @@ from agent.ops.recorder import Recorder, candump_line
 from agent.sources.can_bus import CanSource
 from agent.sources.gps_serial import GpsSerialSource
 from conftest import REPO, wait_until
+from sim.scenario import run_scenario
 
 DRIVE = REPO / "sim" / "drives" / "delivery_route.nmea"
 
@@ -126,3 +129,26 @@ def test_the_can_source_records_every_frame_as_a_candump_log(tmp_path):
 def test_recording_is_off_by_default():
     assert RecordConfig().enabled is False
     assert Path(RecordConfig().dir).is_absolute()
+
+
+@pytest.mark.xfail(reason="agent.app does not create the Recorder and set the sources' hooks yet (docs/recording.md)",
+                   strict=False)
+def test_a_running_agent_records_what_the_scenario_runner_sent(tmp_path):
+    """The whole agent (telematics-agent run) with record.enabled, fed by the scenario runner: the NMEA
+    files hold exactly the bytes written to the pty, the CAN files every frame delivered."""
+    drives = REPO / "sim" / "drives"
+    rec = tmp_path / "rec"
+    scenario = {"name": "recording", "speed": 30, "end_s": 60,
+                "inputs": {"nmea": str(drives / "delivery_route.nmea"), "can": str(drives / "delivery_route.candump.log")},
+                "agent": {"config": {"record": {"enabled": True, "dir": str(rec)}, "edge": {"reporting": {"enabled": False}}}}}
+    path = tmp_path / "recording.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    _, checks, outcome = run_scenario(path, tmp_path / "run")
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    recorder = Recorder(RecordConfig(dir=str(rec)))
+    assert _recorded(recorder.nmea_files) == (tmp_path / "run" / "sent.nmea").read_bytes()
+    got = []
+    for log in recorder.can_files.recordings():
+        with can.CanutilsLogReader(str(log)) as reader:
+            got += [(m.arbitration_id, bytes(m.data)) for m in reader]
+    assert len(got) == outcome.can_sent - outcome.can_dropped > 500
