@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.wire import columnar
+from agent.wire import WireError, columnar
 
 REPO = Path(__file__).resolve().parent.parent
 JS = REPO / "decoders" / "js"
@@ -112,3 +112,39 @@ def test_js_decoder_agrees_with_python_on_random_batches(node, tmp_path, many):
         paths.append(path)
     for path, got in zip(paths, _run(node, paths), strict=True):
         assert _comparable(got) == _comparable(golden_json(path.read_bytes()))
+
+
+def test_js_decoder_refuses_corrupted_vectors_with_its_own_errors(node, tmp_path):
+    """Bit flips, truncations and re-deflated garbage bodies: a decoded batch or a WireError ("v2: ..."),
+    never a JavaScript TypeError or RangeError."""
+    import random
+
+    rng = random.Random(2)
+    files = []
+    for n, source in enumerate(sorted(GOLDEN.glob("*.bin")) * 12):
+        payload = bytearray(source.read_bytes())
+        body = bytearray(zlib.decompress(bytes(payload[1:]), -15))
+        choice = n % 3
+        if choice == 0 and body:  # a corrupted body, deflated properly
+            for _ in range(rng.randint(1, 4)):
+                body[rng.randrange(len(body))] = rng.randrange(256)
+            payload = bytearray(columnar.PREFIX + zlib.compress(bytes(body), 9, -15))
+        elif choice == 1:
+            payload[rng.randrange(len(payload))] ^= 1 << rng.randrange(8)
+        else:
+            payload = payload[: rng.randrange(len(payload))]
+        path = tmp_path / f"{n}.bin"
+        path.write_bytes(bytes(payload))
+        files.append(path)
+    results = _run(node, files)
+    assert len(results) == len(files)
+    for path, result in zip(files, results):
+        if "error" in result:
+            assert result["error"].startswith("v2: "), (path.name, result["error"])
+            continue
+        try:
+            expected = golden_json(path.read_bytes())
+        except WireError as exc:  # the spec lets a decoder read invalid UTF-8 leniently instead of refusing it
+            assert "utf-8" in str(exc), (path.name, exc)
+            continue
+        assert _comparable(result) == _comparable(expected), path.name
