@@ -403,6 +403,8 @@ def _col_values(col: _Col, n: int, is_int: bool) -> list[Any]:
             ints = ints[: step - 1] + list(accumulate(ints[step - 1 :]))
         if col.modulus:
             ints = [x % col.modulus for x in ints]
+        if ints and max(map(abs, ints)) > 2**53:  # as a decoder in IEEE doubles would have to refuse it
+            raise WireError("v2: a column value beyond 2**53")
         if is_int:
             if col.scale != 1:
                 raise WireError("v2: an integer field with a scale")
