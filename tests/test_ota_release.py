@@ -173,3 +173,19 @@ def test_cli_missing_key_is_one_line(tmp_path):
     archive.write_bytes(b"")
     proc = cli("release", "sign", "--key", str(tmp_path / "nope.key"), str(archive))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "cannot load the signing key" in proc.stderr
+
+
+def test_provisioning_installs_the_release_key(ota_releases, tmp_path):
+    from agent.config import load_config
+
+    config = tmp_path / "etc" / "agent.yaml"
+    done = cli("provision", "--config", str(config), "--user", "root", "--device-id", "truck-7",
+               "--release-key", str(ota_releases.public_key_path))
+    assert done.returncode == 0, done.stderr
+    public_key = load_config(config).update.public_key
+    assert public_key == str(tmp_path / "etc" / "release.pub") and (Path(public_key).stat().st_mode & 0o777) == 0o644
+    open_release(ota_releases.release("0.2.0"), load_public_key(public_key))  # what the device checks with
+    wrong = tmp_path / "ca.pem"
+    wrong.write_bytes(Path(ota_releases.public_key_path).read_bytes().replace(b"MCow", b"MCox"))
+    bad = cli("provision", "--config", str(config), "--user", "root", "--release-key", str(wrong))
+    assert bad.returncode == 2 and "--release-key" in bad.stderr and "Traceback" not in bad.stderr

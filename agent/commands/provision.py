@@ -1,6 +1,7 @@
 """``telematics-agent provision``: give a box its identity, keys and broker, and check them.
 
   provision --device-id ID --broker mqtts://HOST:8883 --ca ca.pem --cert dev.pem --key dev.key
+  provision --release-key fleet-release.pub        # the public key updates are checked against (docs/ota.md)
   provision --device-id ID --generate-key          # key made here, never leaves the box; prints a CSR
   provision --cert signed.pem                      # install the signed certificate (checked against the key)
   provision --check                                # certificate matches key? broker reachable? a verdict
@@ -33,7 +34,7 @@ from agent.config import Config, ConfigError, parse_config
 DEFAULT_CONFIG = "/etc/telematics-agent/agent.yaml"
 PROVISION_FILE = "telematics-provision.yaml"
 # Keys a provisioning file on the boot partition may carry.
-PROVISION_KEYS = {"device_id", "broker", "ca", "cert", "key", "username", "password"}
+PROVISION_KEYS = {"device_id", "broker", "ca", "cert", "key", "username", "password", "release_key"}
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}  # IANA: MQTT and MQTT over TLS
 
 
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca", help="the CA certificate (PEM) the broker's certificate is checked against")
     parser.add_argument("--cert", help="this device's client certificate (PEM)")
     parser.add_argument("--key", help="this device's private key (PEM), when made elsewhere")
+    parser.add_argument("--release-key", help="the fleet's Ed25519 public key (PEM) that signs updates (docs/ota.md)")
     parser.add_argument("--generate-key", action="store_true",
                         help="make an EC P-256 key here and write a certificate signing request beside it")
     parser.add_argument("--check", action="store_true", help="check certificate and key, then connect to the broker")
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"certificate signing request {csr}: have it signed, then run: telematics-agent provision --cert SIGNED.pem")
         print(csr.read_text(), end="")
         changed = True
-    files = {name: _read_pem(Path(path)) for name, path in (("ca", args.ca), ("cert", args.cert), ("key", args.key)) if path}
+    files = {name: _read_pem(Path(path)) for name, path in (("ca", args.ca), ("cert", args.cert), ("key", args.key),
+                                                             ("release_key", args.release_key)) if path}
     if args.device_id or args.broker or files:
         target.apply(device_id=args.device_id, broker=args.broker, pem=files, generated_key=args.generate_key)
         changed = True
@@ -96,6 +99,7 @@ class Target:
         self.cert_path = self.tls_dir / "client.pem"
         self.key_path = self.tls_dir / "client.key"
         self.csr_path = self.tls_dir / "client.csr"
+        self.release_key_path = config_path.parent / "release.pub"
 
     def ids(self) -> tuple[int, int]:
         """(uid, gid) of the agent's user; files are only chowned when running as root."""
@@ -145,6 +149,17 @@ class Target:
               username: str | None = None, password: str | None = None) -> None:
         """Install the PEM files and write the identity into the config, validated, atomically."""
         raw = self.raw_config()
+        pem = dict(pem)
+        release_key = pem.pop("release_key", None)
+        if release_key is not None:  # over-the-air updates (docs/ota.md)
+            from agent.ota.release import ReleaseError, parse_public_key
+
+            try:
+                parse_public_key(release_key, "--release-key")
+            except ReleaseError as exc:
+                raise CommandError(str(exc)) from exc
+            self._install(self.release_key_path, release_key, 0o644)
+            raw.setdefault("update", {})["public_key"] = str(self.release_key_path)
         device = raw.setdefault("device", {})
         mqtt = raw.setdefault("mqtt", {})
         if device_id:
@@ -318,7 +333,7 @@ def first_boot(dirs: list[Path], target: Target) -> int:
         unknown = set(spec) - PROVISION_KEYS
         if unknown:
             raise CommandError(f"{path}: unknown keys {sorted(unknown)} (known: {sorted(PROVISION_KEYS)})")
-        pem = {name: str(spec[name]).encode() for name in ("ca", "cert", "key") if spec.get(name)}
+        pem = {name: str(spec[name]).encode() for name in ("ca", "cert", "key", "release_key") if spec.get(name)}
         target.apply(device_id=str(spec["device_id"]), broker=spec.get("broker"), pem=pem,
                      username=spec.get("username"), password=spec.get("password"))
         shred(path)

@@ -157,11 +157,20 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
     """The fleet's Ed25519 public key (PEM); ReleaseError when missing or of another type."""
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ReleaseError(f"cannot load the release public key {path}: {exc}") from exc
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ReleaseError(f"cannot load the release public key {path}: {exc.strerror or exc}") from exc
+    return parse_public_key(data, str(path))
+
+
+def parse_public_key(data: bytes, source: str = "the release key") -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM bytes; ReleaseError names ``source`` when it is not one."""
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as exc:
+        raise ReleaseError(f"cannot load the release public key {source}: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise ReleaseError(f"{path} is not an Ed25519 public key")
+        raise ReleaseError(f"{source} is not an Ed25519 public key")
     return key
 
 
