@@ -125,3 +125,18 @@ def test_heartbeat_ages_with_the_clock():
     assert not beat.healthy()
     beat.beat()
     assert beat.healthy()
+
+
+def test_a_full_socket_never_blocks_the_agent(tmp_path):
+    """systemd not reading (hung, or busy): sends fail fast instead of hanging the agent."""
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+        start = time.monotonic()
+        results = [notifier.watchdog() for _ in range(2000)]  # far more than the receive queue holds
+        assert time.monotonic() - start < 5
+        assert results[0] is True and results[-1] is False
+    finally:
+        sock.close()

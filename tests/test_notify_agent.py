@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 AGENT = str(Path(sys.executable).parent / "telematics-agent")
 
 
@@ -28,7 +30,9 @@ def received(sock: socket.socket, seconds: float, until: str | None = None) -> l
     return out
 
 
-def test_the_agent_notifies_systemd(tmp_path, data_dir):
+@pytest.fixture
+def agent(tmp_path, data_dir):
+    """Start the real agent under a notify socket; yields (process, socket, log file)."""
     config = tmp_path / "agent.yaml"
     # No GPS, and a broker that is not there: the agent must still start, buffer and stay healthy.
     config.write_text(f"device:\n  id: truck-n\n  data_dir: {data_dir}\ngps:\n  enabled: false\nmqtt:\n  port: 1\n")
@@ -38,25 +42,32 @@ def test_the_agent_notifies_systemd(tmp_path, data_dir):
     sock.settimeout(0.05)
     env = dict(os.environ, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="1000000")  # WatchdogSec=1: pings every 0.5 s
     env.pop("WATCHDOG_PID", None)
-    proc = subprocess.Popen([AGENT, "run", "--config", str(config)], env=env, stderr=subprocess.DEVNULL)
-    try:
-        start = received(sock, 15.0, until="READY=1")
-        ready = [m for m in start if "READY=1" in m]
-        assert ready and "STATUS=running: device truck-n" in ready[0], start
-        steady = received(sock, 2.6)
-        assert steady.count("WATCHDOG=1") >= 4, steady
+    log = tmp_path / "agent.log"
+    proc = subprocess.Popen([AGENT, "run", "--config", str(config)], env=env, stderr=log.open("w"))
+    start = received(sock, 15.0, until="READY=1")
+    ready = [m for m in start if "READY=1" in m]
+    assert ready and "STATUS=running: device truck-n" in ready[0], start
+    yield proc, sock, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    sock.close()
 
-        proc.send_signal(signal.SIGSTOP)  # hung: nothing runs, so nothing pings
-        received(sock, 0.6)
-        assert "WATCHDOG=1" not in received(sock, 1.5)
-        proc.send_signal(signal.SIGCONT)
-        assert "WATCHDOG=1" in received(sock, 1.5, until="WATCHDOG=1")
 
-        proc.send_signal(signal.SIGTERM)
-        assert "STOPPING=1" in "".join(received(sock, 10.0, until="STOPPING=1"))
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        sock.close()
+def test_watchdog_pings_keep_coming_and_stop_while_hung(agent):
+    proc, sock, _ = agent
+    steady = received(sock, 2.6)
+    assert steady.count("WATCHDOG=1") >= 4, steady
+    proc.send_signal(signal.SIGSTOP)  # hung: nothing runs, so nothing pings
+    received(sock, 0.6)
+    assert "WATCHDOG=1" not in received(sock, 1.5)
+    proc.send_signal(signal.SIGCONT)
+    assert "WATCHDOG=1" in received(sock, 1.5, until="WATCHDOG=1")
+
+
+def test_stopping_on_sigterm(agent):
+    proc, sock, log = agent
+    assert "WATCHDOG=1" in received(sock, 1.5, until="WATCHDOG=1")
+    proc.send_signal(signal.SIGTERM)
+    assert "STOPPING=1" in "".join(received(sock, 10.0, until="STOPPING=1")), log.read_text()[-3000:]
+    assert proc.wait(30) == 0

@@ -44,7 +44,8 @@ class Notifier:
         with self._lock:
             try:
                 if self._sock is None:
-                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    # Non-blocking: a ping systemd cannot take now is dropped, never a reason to hang.
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
                 self._sock.sendto(message, self._address)
             except OSError as exc:
                 if not self._failed:
