@@ -18,12 +18,12 @@ RULE = REPO / "firmware_config" / "51-telematics-update.rules"
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
 def test_an_instance_of_the_update_unit_verifies(tmp_path):
-    exe = tmp_path / "opt/telematics-agent/current/bin/telematics-agent"
+    exe = tmp_path / "opt/telematics-agent/bin/telematics-agent"
     exe.parent.mkdir(parents=True)
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o755)
     instance = tmp_path / "telematics-update@1.4.0.service"
-    instance.write_text(UNIT.read_text().replace("/opt/telematics-agent/current/", f"{exe.parent.parent}/"))
+    instance.write_text(UNIT.read_text().replace("/opt/telematics-agent/", f"{exe.parent.parent}/"))
     proc = subprocess.run(["systemd-analyze", "verify", str(instance)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and (proc.stdout + proc.stderr).strip() == ""
     assert "--version %i" in UNIT.read_text()

@@ -263,7 +263,8 @@ def test_install_then_a_broken_update_rolls_back_and_a_working_one_stays(ota_rel
 
         # A release that cannot start: a crash loop, rolled back well within the health timeout.
         started = time.monotonic()
-        state = apply_update(ota_releases.release("0.3.0", broken=True), config, str(config_path), layout, supervisor)
+        broken = Path(shutil.copy2(ota_releases.release("0.3.0", broken=True), data / "updates.tar"))
+        state = apply_update(broken, config, str(config_path), layout, supervisor)
         assert state["outcome"] == "rolled_back" and state["version"] == "0.3.0" and state["previous"] == __version__
         assert time.monotonic() - started < health_timeout
         assert state["reason"].startswith("crash loop")
@@ -271,6 +272,8 @@ def test_install_then_a_broken_update_rolls_back_and_a_working_one_stays(ota_rel
         assert layout.current_link() == "."
         dropin = (root / "etc/systemd/system/telematics-agent.service.d/ota.conf").read_text()
         assert f"ExecStart={install_root}/current/bin/telematics-agent run --config {config_path}" in dropin
+        assert f"ExecStartPre=+{install_root}/bin/telematics-agent update recover --config {config_path}" in dropin
+        assert not broken.exists()  # not tried again
         ready_before = len(supervisor.ready_pids)
         wait_until(lambda: len(supervisor.ready_pids) > ready_before or supervisor.state().active, 60,
                    message="the previous version back")
@@ -285,7 +288,8 @@ def test_install_then_a_broken_update_rolls_back_and_a_working_one_stays(ota_rel
                    message="the rollback reported by the version that came back")
 
         # The working release: proves itself healthy and stays.
-        state = apply_update(ota_releases.release("0.2.0"), config, str(config_path), layout, supervisor)
+        good = Path(shutil.copy2(ota_releases.release("0.2.0"), data / "updates.tar"))
+        state = apply_update(good, config, str(config_path), layout, supervisor)
         assert state["outcome"] == "applied", state
         assert layout.current_link() == "versions/0.2.0"
         assert json.loads((data / "status.json").read_text())["version"] == "0.2.0"
@@ -351,3 +355,32 @@ def test_the_chunk_server_serves_only_releases_it_has(tmp_path):
             server.chunks_for(json.dumps(request).encode())
     with pytest.raises(FileNotFoundError):
         server.chunks_for(json.dumps({"version": "2.0.0", "chunk_size": 10, "chunks": [[0, 0]]}).encode())
+
+
+def test_a_trial_nobody_watches_any_more_is_rolled_back_before_the_next_start(ota_releases, tmp_path):
+    import subprocess
+
+    from agent.ota.update import recover
+
+    path, config = make_config(tmp_path, ota_releases)
+    layout = Layout(tmp_path / "opt")
+    (layout.versions / "0.2.0").mkdir(parents=True)
+    layout.switch("versions/0.2.0")
+    state = StateFile(config.device.data_dir, STATE_NAME)
+    # The apply step still watching: nothing to do.
+    state.save({"id": "a@1", "state": "trial", "version": "0.2.0", "previous": "0.1.0", "previous_link": ".",
+                "pid": os.getpid()})
+    assert recover(config, layout) is None and layout.current_link() == "versions/0.2.0"
+    # Its process gone (a power cut, a crash): back to the previous version, reported as rolled back.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    state.save({**state.load(), "pid": dead.pid})
+    cli = subprocess.run([str(Path(sys.executable).parent / "telematics-agent"), "update", "recover", "--config", str(path)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["outcome"] == "rolled_back"
+    assert layout.current_link() == "."
+    emitted = Emitted()
+    Updater(config, path, None, emitted.append, SystemClock()).report_outcome()
+    assert emitted.types() == ["update_rolled_back"] and emitted[0].data.attrs["reason"].startswith("interrupted")
+    assert recover(config, layout) is None  # done: nothing more

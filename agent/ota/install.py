@@ -119,11 +119,15 @@ def _run(argv: list[str], what: str) -> None:
 
 
 def write_dropin(layout: Layout, service: str, config_path: str) -> bool:
-    """The unit drop-in that starts ``current``; True when it was (re)written (a daemon-reload is due)."""
+    """The unit drop-in that starts ``current`` (and recovers an interrupted trial first, with the
+    install.sh version's code, which no update replaces); True when it was (re)written."""
     path = layout.systemd_dir / f"{service}.d" / DROPIN_NAME
     text = (
-        "# Written by telematics-agent update: run the version the `current` link points at (docs/ota.md).\n"
-        "[Service]\nExecStart=\n"
+        "# Written by telematics-agent update: run the version the `current` link points at, after\n"
+        "# rolling back a trial that was interrupted (as root: `+`; docs/ota.md).\n"
+        "[Service]\n"
+        f"ExecStartPre=+{layout.install_root}/bin/telematics-agent update recover --config {config_path}\n"
+        "ExecStart=\n"
         f"ExecStart={layout.current}/bin/telematics-agent run --config {config_path}\n"
     )
     if path.exists() and path.read_text() == text:

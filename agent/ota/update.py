@@ -19,6 +19,7 @@ status, so it has a record to commit and have acknowledged.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import subprocess
@@ -239,13 +240,24 @@ def parse_request(args: dict[str, Any]) -> dict[str, Any]:
 # -- the apply step (root) --------------------------------------------------------------------
 
 
-def apply_update(archive: Path, config: Config, config_path: str, layout: Layout, service: health.ServiceManager,
-                 floor: str | None = None) -> dict[str, Any]:
-    """Verify, install, switch, restart, watch; roll back when unhealthy. Returns the final state."""
+def apply_update(archive: Path, config: Config, config_path: str, layout: Layout,
+                 service: health.ServiceManager) -> dict[str, Any]:
+    """Verify, install, switch, restart, watch; roll back when unhealthy. Returns the final state.
+
+    The archive is deleted at the end, whatever the outcome (a refused or failed release is not retried).
+    """
+    try:
+        return _apply(archive, config, config_path, layout, service)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def _apply(archive: Path, config: Config, config_path: str, layout: Layout, service: health.ServiceManager) -> dict[str, Any]:
     upd = config.update
     state_file = StateFile(config.device.data_dir, STATE_NAME)
     started = time.time()
-    base = {"id": f"{archive.name}@{started:.3f}", "started_utc": started, "previous": _version_of(layout)}
+    running = _version_of(layout)
+    base = {"id": f"{archive.name}@{started:.3f}", "started_utc": started, "previous": running}
 
     def save(**fields: Any) -> dict[str, Any]:
         state = {**base, **fields}
@@ -253,7 +265,7 @@ def apply_update(archive: Path, config: Config, config_path: str, layout: Layout
         return state
 
     try:
-        release = open_release(archive, load_public_key(upd.public_key), floor or floor_version(config))
+        release = open_release(archive, load_public_key(upd.public_key), upd.min_version or running)
     except (UpdateRefused, ReleaseError) as exc:
         reason = f"{getattr(exc, 'reason', 'key')}: {exc}"
         log.error("update refused: %s", reason)
@@ -269,7 +281,8 @@ def apply_update(archive: Path, config: Config, config_path: str, layout: Layout
     if write_dropin(layout, upd.service, config_path):
         service.reload()
     switched = time.time()
-    save(state="trial", version=version, previous_link=previous_link, switched_utc=switched)
+    # pid: a trial whose watcher is gone (power cut, crash) is rolled back at the next start (recover()).
+    save(state="trial", version=version, previous_link=previous_link, switched_utc=switched, pid=os.getpid())
     layout.switch(link)
     service.restart()
     verdict = health.await_health(service, Path(config.device.data_dir) / "status.json", version,
@@ -286,6 +299,35 @@ def apply_update(archive: Path, config: Config, config_path: str, layout: Layout
     layout.switch(previous_link)
     service.restart()
     return state
+
+
+def recover(config: Config, layout: Layout) -> dict[str, Any] | None:
+    """Before the agent starts (its unit's ExecStartPre, as root): a trial nobody is watching any
+    more (the box lost power or the apply step died during the health check) is rolled back.
+    Returns the new state, or None when there was nothing to do."""
+    state_file = StateFile(config.device.data_dir, STATE_NAME)
+    state = state_file.load()
+    if state.get("state") != "trial" or _alive(state.get("pid")):
+        return None
+    previous_link = state.get("previous_link") or "."
+    log.error("the trial of version %s was interrupted: switching back to %s", state.get("version"), previous_link)
+    layout.switch(previous_link)
+    state = {**state, "state": "done", "outcome": "rolled_back",
+             "reason": "interrupted: the box or the install step stopped during the health check"}
+    state_file.save(state)
+    return state
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 def _version_of(layout: Layout) -> str:
