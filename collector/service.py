@@ -107,6 +107,7 @@ class Collector:
             CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True
         )
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.reconnect_delay_set(1, 30)
@@ -157,6 +158,12 @@ class Collector:
             log.error("collector: broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
             return
         client.subscribe(self._filter, qos=1)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        # Ready only once the broker confirmed the subscription: nothing published after start() is missed.
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("collector: the broker refused the subscription to %s: %s", self._filter, reason_codes[0])
+            return
         self._connected.set()
         log.info("collector: connected to %s:%d, subscribed to %s", self.host, self.port, self._filter)
 

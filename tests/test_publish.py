@@ -164,7 +164,8 @@ def test_live_data_goes_first_and_the_backlog_drains_behind_it_at_the_rate_cap(d
         total = 1500 + len(device.appended)
         wait_stored(collector_sqlite, total)
         elapsed = time.monotonic() - started
-        assert elapsed >= 2.0, "1500 backlog records at 500/s take at least 2 s after the first burst of 500"
+        # 1,000 beyond the first burst of 500 at 500/s: 2 s from the first take, which is a little before `started`.
+        assert elapsed >= 1.8, "the backlog was held to its rate"
         import sqlite3
 
         with sqlite3.connect(collector_sqlite.db_path) as conn:
