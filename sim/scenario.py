@@ -43,8 +43,9 @@ import msgspec
 import yaml
 
 from agent.config import ConfigError, parse_config
-from agent.decode.nmea import NmeaDecoder, invalid_reason
-from agent.record import iso_utc, parse_iso_utc
+from agent.decode.nmea import NmeaDecoder
+from agent.processors.fix_filter import FixFilter
+from agent.record import Fix, Record, iso_utc, parse_iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class EventExpect(_Strict, kw_only=True):
 
 
 class Expect(_Strict, kw_only=True):
-    all_fixes: bool = True  # every valid fix of the bytes the agent read is stored
+    all_fixes: bool = True  # every fix of the bytes the agent read that its fix filter accepts is stored
     no_duplicates: bool = True
     fixes: Range | None = None
     signals: Range | None = None
@@ -370,17 +371,23 @@ class CanLine:
 
 @dataclass
 class Stretch:
-    """The bytes one agent read in one stretch of an open port, decoded as the agent decodes them."""
+    """The bytes one agent read in one stretch of an open port, decoded and filtered as the agent does
+    (``fix_filter`` is that agent process's: its state lives as long as the process)."""
 
     decoder: NmeaDecoder
+    fix_filter: FixFilter
     fixes: list[tuple[float, float]] = field(default_factory=list)  # (utc, wall time the agent had it)
 
     def feed(self, data: bytes, wall: float, reference_utc: float) -> None:
         self.decoder.set_reference_utc(reference_utc)
-        self.fixes += [(utc, wall) for utc, fix in self.decoder.feed(data) if invalid_reason(fix) is None]
+        self._keep(self.decoder.feed(data), wall)
 
     def flush(self, wall: float) -> None:
-        self.fixes += [(utc, wall) for utc, fix in self.decoder.flush() if invalid_reason(fix) is None]
+        self._keep(self.decoder.flush(), wall)
+
+    def _keep(self, fixes: list[tuple[float, Fix]], wall: float) -> None:
+        self.fixes += [(utc, wall) for utc, fix in fixes
+                       if self.fix_filter.accept(Record(utc=utc, mono=0.0, data=fix))]
 
 
 @dataclass
@@ -420,6 +427,8 @@ class Rig:
         self.config, self.agent, self.gps, self.broker, self.can_line = config, agent, gps, broker, can_line
         self.floor = _dt.datetime.combine(config.gps.rollover_floor, _dt.time(), _dt.timezone.utc).timestamp()
         self.opens_wanted = 1  # the agent has the port open when its log shows this many openings
+        # The filter the agent runs on every fix (gps.filter), on the capture's clock: a new one per process.
+        self.fix_filter = FixFilter(config.gps.filter)
         self.stretch: Stretch | None = None
         self.stretches: list[Stretch] = []
         self.may_lose: list[tuple[float, float]] = []  # wall-time windows before a kill or an unplug
@@ -438,7 +447,7 @@ class Rig:
             self.corrupt_left -= 1
         ready = self.gps.plugged and self.agent.alive() and self.agent.port_opens() >= self.opens_wanted
         if ready and self.stretch is None:
-            self.stretch = Stretch(NmeaDecoder(self.config.gps.allow_missing_checksum, self.floor))
+            self.stretch = Stretch(NmeaDecoder(self.config.gps.allow_missing_checksum, self.floor), self.fix_filter)
             self.stretches.append(self.stretch)
         written = self.gps.write(data) if self.gps.plugged else b""
         self._sent.write(written)
@@ -461,6 +470,7 @@ class Rig:
 
     def agent_start(self) -> None:
         self.agent.start()
+        self.fix_filter = FixFilter(self.config.gps.filter)
         self.opens_wanted += 1
 
     def serial_unplug(self) -> None:
@@ -815,7 +825,7 @@ def judge(s: Scenario, out: Outcome, truth: dict | None) -> list[Check]:
         missing = sorted(out.expected_fixes - got)
         allowed = [t for t in missing if t in out.may_lose]
         lost = [t for t in missing if t not in out.may_lose]
-        summary = (f"{len(out.expected_fixes)} valid fixes were read by the agent, {len(got)} stored, "
+        summary = (f"{len(out.expected_fixes)} good fixes were read by the agent, {len(got)} stored, "
                    f"{len(lost)} lost")
         if allowed:
             summary += f" ({len(allowed)} more within the commit window or read grace before a kill/unplug: allowed)"
