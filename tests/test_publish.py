@@ -302,3 +302,75 @@ def test_publish_message_and_subscribe_for_other_modules(data_dir, mosquitto):
         other.disconnect()
     finally:
         device.stop()
+
+
+class V311OnlyBroker:
+    """A front to Mosquitto that answers an MQTT 5 CONNECT as a 3.1.1-only broker does (CONNACK return
+    code 1, "unacceptable protocol version", then close: MQTT 3.1.1 section 3.1.2.2) and forwards 3.1.1."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self.target_port = target_port
+        self.refused_v5 = 0
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            first = client.recv(4096)
+            # CONNECT: 0x10, the remaining length (a 1-4 byte varint), 00 04 "MQTT", the protocol level.
+            at = 1
+            while at < len(first) and first[at] & 0x80:
+                at += 1
+            level = first[at + 7] if len(first) > at + 7 else None
+            if first[:1] == b"\x10" and level == 5:
+                self.refused_v5 += 1
+                client.sendall(b"\x20\x02\x00\x01")
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            upstream.sendall(first)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_auto_protocol_falls_back_to_311_for_a_broker_without_mqtt5(data_dir, mosquitto, collector_sqlite, caplog):
+    caplog.set_level(logging.INFO, LOG)
+    front = V311OnlyBroker(mosquitto.port)
+    device = Device(data_dir, front.port).start()
+    try:
+        device.drive(120)
+        wait_stored(collector_sqlite, len(device.appended))
+        assert front.refused_v5 == 1, "one MQTT 5 attempt, then 3.1.1"
+        assert device.link.stats()["protocol"] == "3.1.1"
+        assert "trying MQTT 3.1.1 next" in caplog.text
+        assert_exactly_once_in_order(collector_sqlite.db_path, device.appended)
+    finally:
+        device.stop()
+        front.close()
