@@ -1,7 +1,7 @@
 """``telematics-sim report --db COLLECTOR [--device D] [--fences FILE] -o report.html``: one drive as a page.
 
 The page is self-contained (no external scripts, fonts, styles or tiles), so it opens on a laptop
-without a network: the records are embedded as JSON and the page's own script draws the track,
+without a network (``--tiles URL`` adds web-map tiles under the track for a viewer who is online): the records are embedded as JSON and the page's own script draws the track,
 geofences, stops and events as inline SVG, and a timeline of speed and engine signals under it.
 When the script has drawn everything it sets ``data-rendered="1"`` and counts
 (``data-track-points``, ``data-events-drawn``, ...) on ``<body>``: what the browser test reads.
@@ -93,9 +93,11 @@ def load_fences(path: str) -> list[dict]:
     return out
 
 
-def render_html(drive: dict, fences: list[dict]) -> str:
-    """The page: the data as JSON in the page, drawn by its own script."""
-    data = json.dumps({**drive, "fences": fences}, separators=(",", ":"))
+def render_html(drive: dict, fences: list[dict], tiles: dict | None = None) -> str:
+    """The page: the data as JSON in the page, drawn by its own script. ``tiles`` (``url`` with {z} {x}
+    {y}, ``attribution``) puts map tiles under the track when the viewer is online; without it the
+    page refers to nothing outside itself."""
+    data = json.dumps({**drive, "fences": fences, "tiles": tiles}, separators=(",", ":"))
     # "</" would end the <script> element early; JSON allows "<\/" for it.
     data = data.replace("</", "<\\/")
     title = f"Drive report: {drive['device']}"
@@ -110,14 +112,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", required=True, help="the collector's SQLite file or a postgresql:// DSN")
     parser.add_argument("--device", help="the device to draw (default: the only one in the database)")
     parser.add_argument("--fences", help="GeoJSON fence set to draw under the track")
+    parser.add_argument("--tiles", metavar="URL", help="map tiles under the track when the viewer is online, "
+                        "e.g. 'https://tile.openstreetmap.org/{z}/{x}/{y}.png' (default: none, fully offline)")
+    parser.add_argument("--tiles-attribution", default="\u00a9 OpenStreetMap contributors",
+                        help="the attribution the tile server asks for (default: OpenStreetMap's)")
     parser.add_argument("-o", "--output", required=True, help="the HTML file to write")
 
 
 def run(args: argparse.Namespace) -> int:
     drive = load_drive(args.db, args.device)
     fences = load_fences(args.fences) if args.fences else []
+    if args.tiles and not all(part in args.tiles for part in ("{z}", "{x}", "{y}")):
+        raise CommandError("--tiles: the URL needs {z}, {x} and {y}")
+    tiles = {"url": args.tiles, "attribution": args.tiles_attribution} if args.tiles else None
     try:
-        Path(args.output).write_text(render_html(drive, fences), encoding="utf-8")
+        Path(args.output).write_text(render_html(drive, fences, tiles), encoding="utf-8")
     except OSError as exc:
         raise CommandError(f"{args.output}: {exc.strerror or exc}") from exc
     s = drive["summary"]
@@ -192,7 +201,32 @@ const scale = Math.min((W - 2 * PAD) / Math.max(maxX - minX, 1), (H - 2 * PAD) /
 const MH = Math.min(H, Math.ceil((maxY - minY) * scale + 2 * PAD));
 map.setAttribute("viewBox", "0 0 " + W + " " + MH);
 const px = (lat, lon) => { const q = xy(lat, lon); return [PAD + (q[0] - minX) * scale, PAD + (q[1] - minY) * scale]; };
-let fencesDrawn = 0, stopsDrawn = 0, eventsDrawn = 0, lanesDrawn = 0;
+let fencesDrawn = 0, stopsDrawn = 0, eventsDrawn = 0, lanesDrawn = 0, tilesDrawn = 0;
+// Optional web-map tiles (only with --tiles, only online), under everything else. Over a drive's few
+// kilometres this projection and Web Mercator differ by far less than a pixel, so tiles are placed
+// by their corners' coordinates.
+if (D.tiles && navigator.onLine && pts.length) {
+  const layer = el(map, "g", {id: "tiles"});
+  const unx = X => ((X - PAD) / scale + minX) / (R * k) * 180 / Math.PI;  // map x -> longitude
+  const uny = Y => -((Y - PAD) / scale + minY) / R * 180 / Math.PI;  // map y -> latitude
+  const CIRC = 40075016.686;  // WGS 84 equator, metres (Web Mercator tile grid)
+  const z = Math.max(0, Math.min(19, Math.round(Math.log2(CIRC * k * scale / 256))));
+  const n = 2 ** z;
+  const tileX = lon => Math.floor((lon + 180) / 360 * n);
+  const tileY = lat => Math.floor((1 - Math.asinh(Math.tan(lat * Math.PI / 180)) / Math.PI) / 2 * n);
+  const lonOf = x => x / n * 360 - 180;
+  const latOf = y => Math.atan(Math.sinh(Math.PI * (1 - 2 * y / n))) * 180 / Math.PI;
+  const x0 = tileX(unx(0)), x1 = tileX(unx(W)), y0 = tileY(uny(0)), y1 = tileY(uny(MH));
+  for (let x = x0; x <= x1 && tilesDrawn < 100; x++) {
+    for (let y = y0; y <= y1 && tilesDrawn < 100; y++) {
+      const a = px(latOf(y), lonOf(x)), b = px(latOf(y + 1), lonOf(x + 1));
+      el(layer, "image", {href: D.tiles.url.replace("{z}", z).replace("{x}", x).replace("{y}", y), x: a[0], y: a[1],
+                          width: b[0] - a[0], height: b[1] - a[1], preserveAspectRatio: "none", opacity: 0.6});
+      tilesDrawn++;
+    }
+  }
+  el(map, "text", {x: W - 4, y: MH - 4, class: "label", "text-anchor": "end"}, D.tiles.attribution);
+}
 const fenceLayer = el(map, "g", {id: "fences"});
 D.fences.forEach(f => {
   let shape;
@@ -290,7 +324,7 @@ document.getElementById("summary").textContent = S.start ? S.start + " to " + S.
 const box = track.getBBox();
 Object.assign(document.body.dataset, {trackPoints: track.points.numberOfItems, trackWidth: Math.round(box.width),
   trackHeight: Math.round(box.height), fencesDrawn: fencesDrawn, stopsDrawn: stopsDrawn, eventsDrawn: eventsDrawn,
-  lanesDrawn: lanesDrawn, rendered: "1"});
+  lanesDrawn: lanesDrawn, tilesDrawn: tilesDrawn, rendered: "1"});
 </script>
 </body></html>
 """

@@ -72,6 +72,14 @@ def drive_db(tmp_path_factory) -> tuple[Path, list[Record]]:
     return db, records
 
 
+def dump_dom(page: Path, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """The DOM after the page's script ran in headless Chromium, and the data- attributes of <body>."""
+    dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                          page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    body = re.search(r"<body([^>]*)>", dom).group(1)
+    return dom, dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))
+
+
 def report(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(TOOLS / "telematics-sim"), "report", *args], capture_output=True, text=True, timeout=60)
 
@@ -84,10 +92,7 @@ def test_chromium_draws_the_track_fences_stops_events_and_timeline(drive_db, tmp
     html = page.read_text()
     # Self-contained: nothing is fetched (the SVG namespace URI is a name, not a fetch).
     assert not re.search(r"""(src|href)\s*=|url\(|@import|<link""", html), "the page refers to something outside"
-    dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
-                          page.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    body = re.search(r"<body([^>]*)>", dom).group(1)
-    attrs = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body))
+    dom, attrs = dump_dom(page, tmp_path)
     assert "error" not in attrs, attrs
     assert attrs["rendered"] == "1"
     fixes = [r for r in records if r.kind == "fix"]
@@ -105,6 +110,26 @@ def test_chromium_draws_the_track_fences_stops_events_and_timeline(drive_db, tmp
         1 for e in events if e.data.type == "harsh_brake") >= 1
     assert 'data-series="EngineSpeed"' in dom
     assert dom.count("<tr>") == len(events) + 1  # the event table and its header
+    assert attrs["tiles-drawn"] == "0" and "<image" not in dom
+
+
+def test_tiles_go_under_the_track_only_when_asked_for(drive_db, tmp_path):
+    db, _ = drive_db
+    page = tmp_path / "tiles.html"
+    # A closed local port: the browser tries the tiles and gets nothing; the page must still draw.
+    result = report("--db", str(db), "--tiles", "http://127.0.0.1:9/{z}/{x}/{y}.png", "-o", str(page))
+    assert result.returncode == 0, result.stderr
+    dom, attrs = dump_dom(page, tmp_path)
+    assert attrs["rendered"] == "1" and "error" not in attrs
+    hrefs = re.findall(r'<image href="http://127\.0\.0\.1:9/(\d+)/(\d+)/(\d+)\.png"', dom)
+    assert len(hrefs) == int(attrs["tiles-drawn"]) >= 1
+    # Delft at 52.0 N, 4.36 E: at zoom z the tile column is floor((lon + 180) / 360 * 2^z) (Web Mercator).
+    z, x, _ = map(int, hrefs[0])
+    assert 14 <= z <= 19 and x in (int((4.3475 + 180) / 360 * 2**z), int((4.3475 + 180) / 360 * 2**z) - 1)
+    assert "OpenStreetMap contributors" in dom
+    assert dom.index('id="tiles"') < dom.index('id="fences"') < dom.index('id="track"')  # drawn under
+    bad = report("--db", str(db), "--tiles", "http://example.org/tile.png", "-o", str(page))
+    assert bad.returncode == 2 and "{z}, {x} and {y}" in bad.stderr
 
 
 def test_device_choice_and_bad_input_are_one_line_and_exit_2(drive_db, tmp_path):
