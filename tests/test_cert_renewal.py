@@ -24,7 +24,7 @@ from agent.clock import SystemClock
 from agent.config import TlsConfig, parse_config
 from collector.signing import CommandCa, LocalCa, SigningService
 from conftest import wait_until
-from test_publish_tls import Pki, pki, tls_broker  # noqa: F401  (fixtures: test CA, Mosquitto requiring client certs)
+from test_publish_tls import pki, tls_broker  # noqa: F401  (fixtures: test CA, Mosquitto requiring client certs)
 from transport_helpers import Device, assert_exactly_once_in_order, count
 
 DEVICE = "truck-1"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import queue
 import random
 import ssl
@@ -23,7 +22,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.ota.download import (ByteRate, ChunkAssembler, DownloadFailed, decode_chunk, download_https, download_mqtt,
                                 encode_chunk, iter_chunks, part_path)
-from conftest import wait_until
 from test_publish_tls import Pki
 
 PAYLOAD = random.Random(7).randbytes(700_000)

@@ -189,3 +189,51 @@ def test_provisioning_installs_the_release_key(ota_releases, tmp_path):
     wrong.write_bytes(Path(ota_releases.public_key_path).read_bytes().replace(b"MCow", b"MCox"))
     bad = cli("provision", "--config", str(config), "--user", "root", "--release-key", str(wrong))
     assert bad.returncode == 2 and "--release-key" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- any damage is refused (hypothesis) ----------------------------------------------------------
+
+
+def _small_signed_archive(directory: Path, key: Ed25519PrivateKey) -> tuple[Path, dict[str, bytes]]:
+    """A release-shaped archive of two small files (verification does not look inside wheels)."""
+    from agent.ota.release import WHEELS, _add_bytes, make_manifest
+
+    wheels = directory / WHEELS
+    wheels.mkdir(parents=True)
+    files = {"a-1.0-py3-none-any.whl": bytes(range(256)) * 3, "b-2.0-py3-none-any.whl": b"PK" + b"\x07" * 900}
+    for name, data in files.items():
+        (wheels / name).write_bytes(data)
+    archive = directory / "telematics-agent-1.0.0.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        _add_bytes(tar, MANIFEST, make_manifest(wheels, "1.0.0", None, None))
+        for name, data in files.items():
+            _add_bytes(tar, f"{WHEELS}/{name}", data)
+    sign_archive(archive, key)
+    return archive, files
+
+
+def test_any_flipped_byte_is_refused_or_harmless(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    key = Ed25519PrivateKey.generate()
+    base, files = _small_signed_archive(tmp_path_factory.mktemp("small"), key)
+    original = base.read_bytes()
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(offset=st.integers(0, len(original) - 1), mask=st.integers(1, 255))
+    def flip(offset, mask):
+        damaged = bytearray(original)
+        damaged[offset] ^= mask
+        path = tmp_path_factory.mktemp("flip") / base.name
+        path.write_bytes(bytes(damaged))
+        try:
+            release = open_release(path, key.public_key())
+        except UpdateRefused:
+            return
+        # Accepted: then only bytes that carry nothing were hit (tar padding, unused header fields),
+        # and what would be installed is exactly what was signed.
+        out = extract_wheels(release, path.parent / "x")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+
+    flip()

@@ -21,14 +21,13 @@ import yaml
 
 from agent import __version__
 from agent.clock import SystemClock
-from agent.config import load_config, parse_config
+from agent.config import load_config
 from agent.ota.install import Layout
 from agent.ota.release import sha256_file
 from agent.ota.update import STATE_NAME, Updater, apply_update, archive_path, parse_request
 from agent.processors.state import StateFile
 from conftest import wait_until
 from ota_helpers import Supervisor
-from test_ota_download import Server
 from test_publish_tls import Pki
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -86,11 +86,10 @@ class SystemdService:
 
 @dataclass
 class Verdict:
-    """The outcome of watching a new version: healthy, or why not (with what was seen)."""
+    """The outcome of watching a new version: healthy, or why not."""
 
     healthy: bool
     reason: str
-    seen: dict[str, Any] = field(default_factory=dict)
 
 
 def read_status(path: Path) -> dict[str, Any]:
@@ -131,21 +130,17 @@ def await_health(service: ServiceManager, status_path: Path, version: str, timeo
     """Watch the (just restarted) service until it is healthy, crash-loops, or ``timeout_s`` passes."""
     start = monotonic()
     restarts0 = service.state().restarts
-    missing: list[str] = ["nothing checked yet"]
-    seen: dict[str, Any] = {}
     while True:
         now = monotonic()
         state = service.state()
         status = read_status(status_path)
         restarts = state.restarts - restarts0
-        seen = {"restarts": restarts, "active": state.active, "status_version": status.get("version"),
-                "broker": (status.get("broker") or {}).get("connected")}
         if restarts >= max_restarts:
-            return Verdict(False, f"crash loop: restarted {restarts} times within {now - start:.0f} s", seen)
+            return Verdict(False, f"crash loop: restarted {restarts} times within {now - start:.0f} s")
         missing = check_once(state, status, version, start, now)
         if not missing:
             log.info("version %s is healthy after %.1f s", version, now - start)
-            return Verdict(True, "healthy", seen)
+            return Verdict(True, "healthy")
         if now - start > timeout_s:
-            return Verdict(False, f"not healthy within {timeout_s:g} s: {'; '.join(missing)}", seen)
+            return Verdict(False, f"not healthy within {timeout_s:g} s: {'; '.join(missing)}")
         sleep(POLL_S)
