@@ -8,8 +8,9 @@ name) and the CAN log into an emulated slcan adapter, and injects the faults on 
 
 "Nothing lost" is judged against what the agent was actually given: the runner feeds every byte it
 writes while the agent has the port open into its own :class:`NmeaDecoder`, one per stretch of
-reading (a reopened port starts afresh, as the agent does), so garbage, corrupted checksums and
-bytes sent while the agent was down or the port unplugged are accounted for exactly. The format is
+reading (a reopened port starts afresh, as the agent does), and through the agent's own fix filter,
+so garbage, corrupted checksums, implausible fixes and bytes sent while the agent was down or the
+port unplugged are accounted for exactly. The format is
 in docs/scenarios.md.
 """
 
@@ -219,8 +220,8 @@ class Broker:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=self.log.open("ab"),
-                                     stderr=subprocess.STDOUT)
+        with self.log.open("ab") as log_file:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log_file, stderr=subprocess.STDOUT)
         _wait_port(self.port)
 
     def stop(self) -> None:
@@ -265,8 +266,9 @@ class AgentProcess:
             env.update(LD_PRELOAD=lib, FAKETIME_TIMESTAMP_FILE=str(self.faketime_file), FAKETIME_CACHE_DURATION="1",
                        FAKETIME_DONT_FAKE_MONOTONIC="1")
         exe = Path(sys.executable).parent / "telematics-agent"
-        self.proc = subprocess.Popen([str(exe), "run", "--config", str(self.config)], stdout=self.log_path.open("ab"),
-                                     stderr=subprocess.STDOUT, env=env)
+        with self.log_path.open("ab") as log_file:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([str(exe), "run", "--config", str(self.config)], stdout=log_file,
+                                         stderr=subprocess.STDOUT, env=env)
 
     def step_clock(self, seconds: float) -> None:
         self.clock_offset_s += seconds
