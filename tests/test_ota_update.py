@@ -383,3 +383,40 @@ def test_a_trial_nobody_watches_any_more_is_rolled_back_before_the_next_start(ot
     Updater(config, path, None, emitted.append, SystemClock()).report_outcome()
     assert emitted.types() == ["update_rolled_back"] and emitted[0].data.attrs["reason"].startswith("interrupted")
     assert recover(config, layout) is None  # done: nothing more
+
+
+def test_the_running_agent_serves_the_update_command(ota_releases, https, tmp_path, mosquitto, systemctl,
+                                                     collector_sqlite):
+    """agent.app.Agent in-process: the command through its remote management, the download, the
+    hand-over to the install unit; a refusal reaches the collector as an event."""
+    from agent.app import Agent
+    from test_remote import DEVICE, Ops
+
+    path, _ = make_config(tmp_path, ota_releases, mosquitto.port, ca_file=https.ca_file)
+    raw = yaml.safe_load(path.read_text())
+    raw["device"]["id"] = DEVICE
+    path.write_text(yaml.safe_dump(raw))
+    agent = Agent(load_config(path), config_path=path)
+    ops = Ops(mosquitto.port)
+    try:
+        agent.start()
+        ops.wait_until_served()
+        low = ops.send("command", {"id": "u0", "command": "update", "args": {**publish(https, ota_releases.release("0.2.0")),
+                                                                             "version": "0.0.9"}})
+        assert low["ok"] is False and low["error"].startswith("refused (downgrade)")
+        args = publish(https, ota_releases.release("0.2.0"))
+        assert ops.send("command", {"id": "u1", "command": "update", "args": args}) == {
+            "id": "u1", "ok": True, "result": {"accepted": True, "version": "0.2.0"}}
+        wait_until(systemctl.exists, 60, message="the install unit started")
+        assert systemctl.read_text().split() == ["start", "--no-block", "telematics-update@0.2.0.service"]
+
+        def refused_events():
+            with sqlite3.connect(f"file:{collector_sqlite.db_path}?mode=ro", uri=True, timeout=5) as conn:
+                rows = conn.execute("SELECT data FROM records WHERE device = ? AND kind = 'event'", (DEVICE,)).fetchall()
+            return [json.loads(d)["attrs"] for (d,) in rows if json.loads(d)["type"] == "update_refused"]
+
+        wait_until(lambda: collector_sqlite.db_path.exists() and refused_events(), 20, message="the refusal event stored")
+        assert refused_events()[0]["version"] == "0.0.9" and refused_events()[0]["reason"].startswith("downgrade")
+    finally:
+        ops.close()
+        agent.stop()
