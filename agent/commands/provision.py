@@ -355,8 +355,11 @@ def shred(path: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     path.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some FAT drivers refuse fsync on a directory; the unlink is done either way
