@@ -128,3 +128,23 @@ def test_more_corpus_receivers_through_the_pty_give_what_process_gives(corpus, t
     path.write_text(yaml.safe_dump(scenario))
     result = sim_run(path, "--workdir", str(tmp_path / "run"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_real_obd2_session_through_slcan_gives_what_process_gives(corpus, tmp_path):
+    """The OBD-II capture (a tester's requests and the car's answers, heard listen-only) through the
+    emulated adapter, with the Munich drive as the GPS: the answered PIDs decode live as offline."""
+    scenario = {
+        "name": "obd2_session", "speed": 20, "end_s": 300,
+        "inputs": {"nmea": str(corpus / "drives" / "genivi_munich-gps.nmea"),
+                   "can": str(corpus / "can" / "css_7512BE4D_obd2_session.derived_bus1.candump.log")},
+        "agent": {"config": {"edge": {"reporting": {"enabled": False}}, "can": {
+            "buses": [{"protocol": "obd2", "bitrate": 500000}],
+            "signals": [{"signal": "EngineRPM", "policy": "change"}, {"signal": "VehicleSpeed", "policy": "change"}]}}},
+        "expect": {"same_as_process": True, "signals": {"min": 5}, "signal_names": ["EngineRPM", "VehicleSpeed"]},
+    }
+    path = tmp_path / "obd.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    result = sim_run(path, "--workdir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ", 0 not delivered" in result.stdout
