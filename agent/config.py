@@ -121,7 +121,7 @@ class MqttConfig(_Section):
     # Backlog (records stored before the link came up) is drained behind live data at this rate; 0: no cap.
     backlog_max_records_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # Wire format of telemetry batches (docs/wire-format.md): 1 zlib JSON, 2 compact columnar.
-    wire_version: Literal[1, 2] = 1
+    wire_version: Literal[1, 2] = 2
 
 
 class BufferConfig(_Section):

@@ -8,9 +8,9 @@ sim/drives/delivery_route.nmea with four J1939 signals from its candump log, sam
 sequence numbers, as the buffer hands them to the publisher.
 
 "Whole PUBLISH" counts the MQTT 5 PUBLISH packet (OASIS MQTT 5.0 section 3.3): fixed header,
-topic, packet identifier (QoS 1), properties and payload. Two property sets are reported: the
-ones agent/publish/mqtt_link.py sends today (content type and four user properties, full topic),
-and a lean set (content type only, and a topic alias after the first message).
+topic, packet identifier (QoS 1), properties and payload, with the properties
+agent/publish/mqtt_link.py sends: the content type, the ``backlog`` user property, and the topic
+alias (the topic name only in the first message of a connection).
 Comparisons: per-record JSON (one message per record, the flat shape of ``to_json_dict`` without
 null fields), the v1 batch (zlib JSON), the v2 body compressed with zstd instead of DEFLATE (when
 the zstandard package is installed), and Teltonika Codec 8 sizes.
@@ -38,7 +38,6 @@ from agent.decode.j1939 import J1939Database  # noqa: E402
 from agent.decode.nmea import decode_file  # noqa: E402
 from agent.record import Record, Signal, to_json_dict  # noqa: E402
 from agent.wire import columnar, encode_batch  # noqa: E402
-from agent.wire.codec import FORMAT_NAME  # noqa: E402
 
 DEVICE = "truck-0001"
 TOPIC = f"telematics/{DEVICE}/telemetry"
@@ -60,19 +59,14 @@ def _varint_len(n: int) -> int:
     return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
 
 
-def publish_size(payload: bytes, content_type: str, records: int, lean: bool, first: bool) -> int:
-    """Bytes of the whole QoS 1 PUBLISH packet carrying ``payload``."""
+def publish_size(payload: bytes, content_type: str, first: bool, backlog: bool = True) -> int:
+    """Bytes of the whole QoS 1 PUBLISH packet carrying ``payload``, as the agent's link sends it."""
     props = Properties(PacketTypes.PUBLISH)
     props.ContentType = content_type
-    topic = TOPIC
-    if lean:
-        props.TopicAlias = 1
-        topic = TOPIC if first else ""  # MQTT 5.0 section 3.3.2.3.4: the alias stands for the topic
-    else:  # as agent/publish/mqtt_link.py sends a live batch
-        version = content_type.split(".v", 1)[1][:1]
-        props.UserProperty = [
-            ("format", FORMAT_NAME), ("version", version), ("records", str(records)), ("backlog", "0"),
-        ]
+    if backlog:
+        props.UserProperty = [("backlog", "0")]
+    props.TopicAlias = 1
+    topic = TOPIC if first else ""  # MQTT 5.0 section 3.3.2.3.4: the alias stands for the topic
     remaining = 2 + len(topic.encode()) + 2 + len(props.pack()) + len(payload)
     return 1 + _varint_len(remaining) + remaining
 
@@ -114,11 +108,8 @@ def sizes(records: list[Record], epochs: int) -> dict[str, float]:
     v1 = [encode_batch(DEVICE, b, 1) for b in batches]
     n = len(records)
     out["v2 payload"] = sum(len(p) for p, _ in v2) / n
-    out["v2 PUBLISH, publisher's properties"] = sum(
-        publish_size(p, ct, len(b), False, False) for (p, ct), b in zip(v2, batches)
-    ) / n
-    out["v2 PUBLISH, lean (alias, content type)"] = sum(
-        publish_size(p, ct, len(b), True, i == 0) for i, ((p, ct), b) in enumerate(zip(v2, batches))
+    out["v2 PUBLISH (as the agent sends it)"] = sum(
+        publish_size(p, ct, i == 0) for i, (p, ct) in enumerate(v2)
     ) / n
     bodies = [zlib.decompress(p[1:], columnar.WBITS) for p, _ in v2]
     out["v2 body, msgpack uncompressed"] = sum(map(len, bodies)) / n
@@ -130,13 +121,11 @@ def sizes(records: list[Record], epochs: int) -> dict[str, float]:
         for level in (3, 9, 19):
             zstd = zstandard.ZstdCompressor(level=level, write_checksum=False)
             out[f"v2 body with zstd -{level} instead of DEFLATE"] = sum(1 + len(zstd.compress(b)) for b in bodies) / n
-    out["v1 PUBLISH (zlib JSON batch)"] = sum(
-        publish_size(p, ct, len(b), False, False) for (p, ct), b in zip(v1, batches)
-    ) / n
+    out["v1 PUBLISH (zlib JSON batch)"] = sum(publish_size(p, ct, i == 0) for i, (p, ct) in enumerate(v1)) / n
     json_sizes = [len(msgspec.json.encode({k: v for k, v in to_json_dict(r).items() if v is not None})) for r in records]
     out["per-record JSON payload"] = sum(json_sizes) / n
     out["per-record JSON PUBLISH (alias, content type)"] = sum(
-        publish_size(b"x" * s, "application/json", 1, True, False) for s in json_sizes
+        publish_size(b"x" * s, "application/json", False, backlog=False) for s in json_sizes
     ) / n
     per_epoch_io = sum(CODEC8_IO[r.data.name] for r in records if isinstance(r.data, Signal)) / max(epochs, 1)
     codec8 = CODEC8_RECORD + per_epoch_io + CODEC8_PACKET * len(batches) / max(epochs, 1)

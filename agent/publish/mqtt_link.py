@@ -34,7 +34,6 @@ from agent.clock import Clock
 from agent.config import MqttConfig, TlsConfig
 from agent.record import Record
 from agent.wire import encode_batch
-from agent.wire.codec import FORMAT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,8 @@ UNSUPPORTED_PROTOCOL = 0x84
 KEEPALIVE_TIMEOUT = 0x8D
 # Messages other modules queue while the window is full; beyond this, publish_message fails.
 MAX_QUEUED_MESSAGES = 1000
+# The topic alias the telemetry topic gets on each MQTT 5 connection whose broker allows aliases.
+TELEMETRY_ALIAS = 1
 
 
 class LinkDown(Exception):
@@ -149,6 +150,7 @@ class MqttLink:
         self._use_v5 = config.protocol != "3.1.1"
         self._connected = threading.Event()
         self._session_error: str | None = None
+        self._telemetry_alias: bool | None = None
         self._connack_refused: str | None = None
         self._paho_error: str | None = None
         # Messages logged since the link was last up: a flapping cause is logged once, not per retry.
@@ -392,14 +394,18 @@ class MqttLink:
         props = None
         if self._use_v5:
             props = Properties(PacketTypes.PUBLISH)
+            # The content type names format and version; every byte of a PUBLISH is paid for on a
+            # cellular plan, so nothing else repeats them (docs/wire-format.md, BENCHMARKS.md).
             props.ContentType = content_type
-            props.UserProperty = [
-                ("format", FORMAT_NAME),
-                ("version", str(self._config.wire_version)),
-                ("records", str(len(records))),
-                ("backlog", "1" if backlog else "0"),
-            ]
-        info = client.publish(self.topic("telemetry"), payload, qos=1, properties=props)
+            props.UserProperty = [("backlog", "1" if backlog else "0")]
+        topic = self.topic("telemetry")
+        if props is not None and self._telemetry_alias is not None:
+            # A topic alias (MQTT 5 3.3.2.3.4): the topic name travels once per connection.
+            props.TopicAlias = TELEMETRY_ALIAS
+            if self._telemetry_alias:
+                topic = ""
+            self._telemetry_alias = True
+        info = client.publish(topic, payload, qos=1, properties=props)
         self._window[info.mid] = _Sent(seq_ranges([r.seq for r in records]), len(records))
         self._stats["published_batches"] += 1
         self._stats["published_records"] += len(records)
@@ -414,6 +420,9 @@ class MqttLink:
                 self._use_v5 = False
                 self._connack_refused += " (trying MQTT 3.1.1 next)"
         else:
+            alias_max = getattr(properties, "TopicAliasMaximum", 0) if properties is not None else 0
+            # None: no alias on this connection; False: allowed, not yet set; True: set.
+            self._telemetry_alias = False if alias_max >= TELEMETRY_ALIAS else None
             self._connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:

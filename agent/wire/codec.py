@@ -8,9 +8,6 @@ import msgspec
 
 from agent.record import Record
 
-# MQTT 5 user property names the publisher sets beside the content type (docs/wire-format.md).
-FORMAT_NAME = "telematics-batch"
-
 
 class WireError(ValueError):
     """A payload that no registered format can decode, or a batch that cannot be encoded."""
