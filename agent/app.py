@@ -84,6 +84,7 @@ class Agent:
         self.sources: list[Source] = []
         self._pinger = None
         self._notifier = None
+        self.recorder = None
 
     # -- building -----------------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class Agent:
 
     def start(self) -> None:
         """Open the buffer and start every thread."""
-        from agent.buffer.store import DurableBuffer
+        from agent.buffer.store import BufferError, DurableBuffer
         from agent.certs.renew import effective_mqtt  # a renewed client certificate, when there is one
         from agent.ops.notify import Heartbeat, Notifier, WatchdogPinger, watchdog_interval
         from agent.ops.status import StatusBoard
@@ -133,7 +134,10 @@ class Agent:
         self.board = StatusBoard(self.data_dir, self.clock, device_id=self.config.device.id,
                                  interval_s=self.config.status.interval_s)
         self.buffer = DurableBuffer(self.data_dir, self.config.buffer, self.clock)
-        self.buffer.open()
+        try:
+            self.buffer.open()
+        except BufferError as exc:  # locked by another agent, or an I/O error: say so in one line
+            raise StartupError(str(exc)) from exc
         self.buffer.start()
         config_version = self._config_version()
         self.link = MqttLink(effective_mqtt(self.config), self.config.device.id, self.buffer, self.clock,
@@ -145,6 +149,7 @@ class Agent:
             raise StartupError(str(exc)) from exc
         self.pipeline = Pipeline(processors, self.buffer, on_turn=heartbeat.beat)
         self.sources = self.build_sources()
+        self._start_recorder()
         self._provide_status(config_version)
         log.info(
             "telematics-agent %s starting: device %s, data %s, broker %s:%d",
@@ -165,6 +170,23 @@ class Agent:
             self._pinger = WatchdogPinger(self._notifier, interval, heartbeat.healthy)
             self._pinger.start()
         self._notifier.ready(f"running: device {self.config.device.id}")
+
+    def _start_recorder(self) -> None:
+        """Raw NMEA and CAN to rotating files for a technician (``record:``, off by default)."""
+        if not self.config.record.enabled:
+            return
+        from agent.ops.recorder import Recorder
+
+        self.recorder = Recorder(self.config.record, self.clock.wall)
+        try:
+            self.recorder.open()
+        except OSError as exc:
+            raise StartupError(f"cannot create the recording directory {self.config.record.dir}: {exc.strerror}") from exc
+        for source in self.sources:
+            if hasattr(source, "on_raw"):
+                source.on_raw = self.recorder.nmea
+            if hasattr(source, "on_frame"):
+                source.on_frame = self.recorder.can
 
     def _config_version(self) -> str:
         from agent.ops.remote import config_version
@@ -305,6 +327,8 @@ class Agent:
                 worker.close()
         self._source_stop.set()
         self._join(lambda t: t.name.startswith("source-"), timeout)
+        if self.recorder is not None:
+            self.recorder.close()
         self._pipeline_stop.set()
         self._join(lambda t: t.name == "pipeline", timeout)
         if self.buffer is not None:

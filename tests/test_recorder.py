@@ -131,8 +131,6 @@ def test_recording_is_off_by_default():
     assert Path(RecordConfig().dir).is_absolute()
 
 
-@pytest.mark.xfail(reason="agent.app does not create the Recorder and set the sources' hooks yet (docs/recording.md)",
-                   strict=False)
 def test_a_running_agent_records_what_the_scenario_runner_sent(tmp_path):
     """The whole agent (telematics-agent run) with record.enabled, fed by the scenario runner: the NMEA
     files hold exactly the bytes written to the pty, the CAN files every frame delivered."""
