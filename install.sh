@@ -102,8 +102,13 @@ do_uninstall() {
             run rm -f "$ROOT$dest"
         fi
     done
+    # The drop-in over-the-air updates write (docs/ota.md).
+    if [ -e "$ROOT/etc/systemd/system/telematics-agent.service.d/ota.conf" ]; then
+        say "removing /etc/systemd/system/telematics-agent.service.d/ota.conf"
+        run rm -f "$ROOT/etc/systemd/system/telematics-agent.service.d/ota.conf"
+    fi
     # Drop-in directories we created and left empty.
-    for dir in /etc/systemd/system.conf.d /etc/systemd/journald.conf.d; do
+    for dir in /etc/systemd/system.conf.d /etc/systemd/journald.conf.d /etc/systemd/system/telematics-agent.service.d; do
         if [ -d "$ROOT$dir" ] && [ -z "$(ls -A "$ROOT$dir")" ]; then run rmdir "$ROOT$dir"; fi
     done
     if [ -d "$ROOT$VENV" ]; then

@@ -304,6 +304,12 @@ def test_install_then_a_broken_update_rolls_back_and_a_working_one_stays(ota_rel
         assert len(seqs) == len(set(seqs)) and set(range(1, 201)) <= set(seqs)
         # The failed version's directory stays until pruned; the good one is complete.
         assert layout.is_installed("0.2.0")
+
+        # Uninstalling removes the versions and the drop-in too; the buffer stays.
+        supervisor.close()
+        install("--root", str(root), "--uninstall")
+        assert not install_root.exists() and not (root / "etc/systemd/system/telematics-agent.service.d").exists()
+        assert (data / "buffer.sqlite").exists()
     finally:
         supervisor.close()
         collector.stop()
