@@ -122,13 +122,15 @@ def test_a_verified_download_is_handed_to_the_install_step(ota_releases, https, 
     ("other_key", "signature"),
     ("wrong_hash", "hash"),
     ("wrong_version", "version"),
+    ("no_public_key", "key"),
 ])
 def test_a_bad_archive_is_refused_before_install_and_reported(ota_releases, https, tmp_path, systemctl, case, reason):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from agent.ota.release import sign_archive
 
-    updater, emitted = updater_for(tmp_path, ota_releases, https)
+    updater, emitted = updater_for(tmp_path, ota_releases, https,
+                                   **({"public_key": str(tmp_path / "missing.pub")} if case == "no_public_key" else {}))
     archive = ota_releases.release("0.2.0")
     if case == "other_key":
         archive = Path(shutil.copy2(ota_releases.release("0.2.0", signed=False), tmp_path / "telematics-agent-0.2.0.tar"))

@@ -143,7 +143,9 @@ class Updater:
             self.launch_apply(request["version"], archive)
         except UpdateRefused as exc:
             self._refused(request["version"], exc)
-        except (download.DownloadFailed, ReleaseError, OSError) as exc:
+        except ReleaseError as exc:  # the device's release key is missing or unusable
+            self._refused(request["version"], UpdateRefused("key", str(exc)))
+        except (download.DownloadFailed, OSError) as exc:
             self._refused(request["version"], UpdateRefused("download", str(exc)))
         finally:
             self._busy.release()
