@@ -149,8 +149,16 @@ class CertRenewer:
         while not self._stop.wait(0.5):
             if self.link.stats()["connected"]:
                 break
+        unreadable = False
         while not self._stop.is_set():
-            if self.due():
+            try:
+                due = self.due()
+                unreadable = False
+            except (OSError, ValueError) as exc:
+                if not unreadable:
+                    log.error("cannot read the client certificate %s: %s", self.link.tls.cert_file, exc)
+                unreadable, due = True, False
+            if due:
                 self.renew("expires within the renewal margin")
             self._stop.wait(self.settings.check_interval_s)
 
