@@ -165,11 +165,11 @@ class Agent:
         self._start_remote()
         self.board.start()
         self._notifier = Notifier()
+        self._notifier.ready(f"running: device {self.config.device.id}")
         interval = watchdog_interval()
-        if interval:
+        if interval:  # after READY: systemd counts watchdog pings only from a started service
             self._pinger = WatchdogPinger(self._notifier, interval, heartbeat.healthy)
             self._pinger.start()
-        self._notifier.ready(f"running: device {self.config.device.id}")
 
     def _start_recorder(self) -> None:
         """Raw NMEA and CAN to rotating files for a technician (``record:``, off by default)."""
@@ -214,6 +214,8 @@ class Agent:
         for source in self.sources:
             if source.name == "gps":
                 board.provide("gps", lambda s=source: _gps_status(s))
+                board.provide("clock", lambda s=source: {"offset_s": s.stats.get("clock_offset_s"),
+                                                         "ok": s.stats.get("clock_ok"), "source": "gps"})
             elif source.name.startswith("can:"):
                 board.provide("can", self._can_status)
 
@@ -283,7 +285,6 @@ class Agent:
             update=self.updater.handle if self.updater is not None else None,
             renew_certificate=self.renewer.handle if self.renewer is not None else None,
         )
-        self.remote.start_listening()
         self._spawn("remote", self.remote.run, self._ops_stop)
 
     def _apply_config(self, config: Config) -> None:
@@ -358,7 +359,10 @@ class Agent:
         """Start, wait for ``stop``, then shut down cleanly."""
         try:
             self.start()
-            stop.wait()
+            # A timed wait: a signal handled while the main thread sleeps on a lock without timeout
+            # may never wake it (CPython runs handlers in the main thread between bytecodes).
+            while not stop.wait(1.0):
+                pass
         finally:
             self.stop()
 

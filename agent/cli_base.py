@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from typing import Sequence
 
@@ -47,12 +46,3 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[str, str]], 
         # `... | head` closed the pipe: not an error worth a traceback.
         sys.stderr.close()
         return 0
-
-
-def setup_logging(level: str = "INFO") -> None:
-    """Log to stderr; under systemd (JOURNAL_STREAM set) without our own timestamps, as journald adds them."""
-    import os
-
-    under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)

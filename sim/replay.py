@@ -26,7 +26,8 @@ from pathlib import Path
 
 import can
 
-from agent.cli_base import CommandError, setup_logging
+from agent.cli_base import CommandError
+from agent.ops.logging import setup_logging
 from sim import nmea_writer
 from sim.capture import NmeaTimeline, can_lead_s, load_candump, load_nmea
 from sim.slcan_adapter import SlcanAdapter

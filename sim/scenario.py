@@ -1021,7 +1021,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.cli_base import CommandError, setup_logging
+    from agent.cli_base import CommandError
+    from agent.ops.logging import setup_logging
 
     setup_logging(args.log_level)
     if args.speed is not None and args.speed <= 0:

@@ -14,7 +14,8 @@ import signal
 import sys
 import threading
 
-from agent.cli_base import CommandError, setup_logging
+from agent.cli_base import CommandError
+from agent.ops.logging import setup_logging
 from agent.config import ConfigError
 
 DEFAULT_CONFIG = "/etc/telematics-agent/agent.yaml"

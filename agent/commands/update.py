@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from agent.cli_base import CommandError, setup_logging
+from agent.cli_base import CommandError
+from agent.ops.logging import setup_logging
 from agent.config import ConfigError, load_config
 
 DEFAULT_CONFIG = "/etc/telematics-agent/agent.yaml"

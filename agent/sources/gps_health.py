@@ -124,6 +124,8 @@ class GpsOutput:
         emit(Record(utc=utc, mono=mono, data=fix))
         self.stats["fixes"] += 1
         self.stats["last_fix_utc"] = utc
+        self.stats["satellites"] = fix.sats_used
+        self.stats["mode"] = fix.mode
         status = self.clock_check.check(utc, fix, self.clock.wall(), mono)
         if status is not None:
             emit(status)

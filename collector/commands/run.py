@@ -13,7 +13,8 @@ import threading
 
 import msgspec
 
-from agent.cli_base import CommandError, setup_logging
+from agent.cli_base import CommandError
+from agent.ops.logging import setup_logging
 from collector.config import CollectorConfigError, load_collector_config
 
 

@@ -11,7 +11,8 @@ import signal
 import threading
 from pathlib import Path
 
-from agent.cli_base import CommandError, setup_logging
+from agent.cli_base import CommandError
+from agent.ops.logging import setup_logging
 from collector.config import CollectorConfigError, load_collector_config
 
 

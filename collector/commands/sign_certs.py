@@ -14,7 +14,8 @@ import shlex
 import signal
 import threading
 
-from agent.cli_base import CommandError, setup_logging
+from agent.cli_base import CommandError
+from agent.ops.logging import setup_logging
 from collector.config import CollectorConfigError, load_collector_config
 
 
