@@ -126,6 +126,7 @@ class Agent:
         from agent.ops.notify import Heartbeat, Notifier, WatchdogPinger, watchdog_interval
         from agent.ops.status import StatusBoard
         from agent.publish.mqtt_link import MqttLink
+        from agent.sources.gps_serial import floor_utc
 
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -140,8 +141,9 @@ class Agent:
             raise StartupError(str(exc)) from exc
         self.buffer.start()
         config_version = self._config_version()
+        floor = floor_utc(self.config.gps.rollover_floor)
         self.link = MqttLink(effective_mqtt(self.config), self.config.device.id, self.buffer, self.clock,
-                             config_hash=config_version)
+                             config_hash=config_version, clock_plausible=lambda: self.clock.wall() >= floor)
         heartbeat = Heartbeat(PIPELINE_HUNG_S)
         try:
             processors = self.build_processors(*self._remote_fences())

@@ -6,6 +6,8 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,28 @@ def test_tls_failures_give_one_clear_line_and_keep_buffering(data_dir, tls_broke
         wait_until(lambda: device.buffer.stats()["depth"] == len(device.appended), 5, message="records kept")
     finally:
         device.stop()
+
+
+def test_tls_waits_for_a_plausible_clock(data_dir, tls_broker, pki, tmp_path, caplog):
+    """A Pi without a real-time clock boots in 1970: every certificate would be "not yet valid".
+    The link holds TLS (one line saying why), keeps buffering, and connects once the clock is set."""
+    from collector.service import Collector
+
+    caplog.set_level(logging.INFO, LOG)
+    clock_set = threading.Event()
+    cert, key = pki["client"]
+    device = Device(data_dir, tls_broker.port, clock_plausible=clock_set.is_set,
+                    tls=TlsConfig(ca_file=pki["ca"].ca_file, cert_file=cert, key_file=key))
+    with Collector("127.0.0.1", tls_broker.plain_port, "telematics", tmp_path / "c.sqlite") as collector:
+        device.start()
+        try:
+            device.drive(40)
+            wait_until(lambda: "holding the TLS connection" in caplog.text, 10, message="the hold explained")
+            time.sleep(1.0)  # several retries meanwhile: still one line, nothing sent
+            assert len([r for r in caplog.records if "holding the TLS connection" in r.getMessage()]) == 1
+            assert not device.link.stats()["connected"] and count(collector.db_path) == 0
+            clock_set.set()  # GPS time or NTP arrived
+            wait_until(lambda: count(collector.db_path) == len(device.appended), 20, message="delivery after the clock was set")
+            assert_exactly_once_in_order(collector.db_path, device.appended)
+        finally:
+            device.stop()

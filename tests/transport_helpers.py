@@ -18,7 +18,8 @@ from agent.record import Event, Fix, Record
 class Device:
     """A durable buffer and an MQTT link running in a thread, as the agent composes them."""
 
-    def __init__(self, data_dir: Path, port: int, device_id: str = "truck-1", commit_window_s: float = 0.1, **mqtt) -> None:
+    def __init__(self, data_dir: Path, port: int, device_id: str = "truck-1", commit_window_s: float = 0.1,
+                 clock_plausible=None, **mqtt) -> None:
         mqtt.setdefault("batch_max_wait_s", 0.05)
         mqtt.setdefault("ack_timeout_s", 3.0)
         mqtt.setdefault("reconnect_min_s", 0.1)
@@ -26,7 +27,7 @@ class Device:
         self.device_id = device_id
         self.buffer = DurableBuffer(data_dir, BufferConfig(commit_window_s=commit_window_s), SystemClock())
         self.config = MqttConfig(port=port, **mqtt)
-        self.link = MqttLink(self.config, device_id, self.buffer, SystemClock())
+        self.link = MqttLink(self.config, device_id, self.buffer, SystemClock(), clock_plausible=clock_plausible)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.appended: list[Record] = []

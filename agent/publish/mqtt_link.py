@@ -19,6 +19,7 @@ import os
 import ssl
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -132,8 +133,12 @@ class MqttLink:
         clock: Clock,
         *,
         config_hash: str | None = None,
+        clock_plausible: Callable[[], bool] | None = None,
     ) -> None:
         self._config = config
+        # A Pi without a real-time clock may boot in 1970: TLS waits until the clock is plausible,
+        # or every certificate would be "not yet valid" (docs/transport.md).
+        self._clock_plausible = clock_plausible or (lambda: True)
         self._device_id = device_id
         self._buffer = buffer
         self._clock = clock
@@ -253,6 +258,11 @@ class MqttLink:
 
     def _connect_once(self) -> mqtt.Client:
         cfg = self._config
+        if cfg.tls is not None and not self._clock_plausible():
+            raise LinkDown(
+                f"the system clock ({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(self._clock.wall()))} UTC) "
+                "is not plausible yet: holding the TLS connection until GPS time or NTP sets it"
+            )
         protocol = MQTTProtocolVersion.MQTTv5 if self._use_v5 else MQTTProtocolVersion.MQTTv311
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
