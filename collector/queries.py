@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import msgspec
 
+from agent.geo import haversine_m
 from agent.record import Event, Fix, Record, Signal, Status
 
 
@@ -132,3 +133,53 @@ def delete_dead_letters(db: Database, ids: list[int]) -> None:
     for row_id in ids:
         db.execute("DELETE FROM dead_letters WHERE id = ?", (row_id,))
     db.commit()
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    """One device at a glance: what ``telematics-collector summary`` prints."""
+
+    device: str
+    records: int
+    by_kind: dict[str, int]
+    first_utc: float | None
+    last_utc: float | None  # the newest record's own time
+    last_seen_utc: float | None  # when the collector last received anything from it
+    last_position: tuple[float, float] | None  # (lat, lon) of the newest fix
+    distance_m: float  # along the stored fixes, in time order
+    trips: int  # completed trips (trip_end events)
+    events: dict[str, int]  # event type -> count
+
+
+def summaries(db: Database, device: str | None = None) -> list[DeviceSummary]:
+    """Per-device summaries (every device, or just ``device``)."""
+    if device:
+        devices = [device]
+    else:
+        devices = [row[0] for row in db.execute("SELECT DISTINCT device FROM records ORDER BY device")]
+    out = []
+    for dev in devices:
+        by_kind = {kind: int(n) for kind, n in db.execute(
+            "SELECT kind, count(*) FROM records WHERE device = ? GROUP BY kind", (dev,))}
+        first, last, seen = db.execute(
+            "SELECT min(utc), max(utc), max(received_utc) FROM records WHERE device = ?", (dev,)).fetchone()
+        distance, prev = 0.0, None
+        for lat, lon in db.execute(
+            "SELECT lat, lon FROM records WHERE device = ? AND kind = 'fix' ORDER BY utc, seq", (dev,)
+        ):
+            if prev is not None:
+                distance += haversine_m(prev[0], prev[1], lat, lon)
+            prev = (lat, lon)
+        events: dict[str, int] = {}
+        for record in records(db, dev, float("-inf"), float("inf"), kind="event"):
+            events[record.data.type] = events.get(record.data.type, 0) + 1
+        out.append(DeviceSummary(
+            device=dev, records=sum(by_kind.values()), by_kind=by_kind, first_utc=first, last_utc=last,
+            last_seen_utc=seen, last_position=prev, distance_m=distance, trips=events.get("trip_end", 0),
+            events=events,
+        ))
+    return out
+
+
+def dead_letter_count(db: Database) -> int:
+    return int(db.execute("SELECT count(*) FROM dead_letters").fetchone()[0])

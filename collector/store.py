@@ -15,7 +15,6 @@ from typing import Protocol, Sequence
 
 import msgspec
 
-from agent.geo import haversine_m
 from agent.record import Record
 
 SCHEMA_VERSION = 1
@@ -126,39 +125,3 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-
-@dataclass(frozen=True)
-class DeviceSummary:
-    """What ``telematics-collector summary`` prints for one device."""
-
-    device: str
-    records: int
-    by_kind: dict[str, int]
-    first_utc: float | None
-    last_utc: float | None
-    distance_m: float
-    dead_letters: int
-
-
-def summarize(path: str | Path, device: str | None = None) -> list[DeviceSummary]:
-    """Per-device totals from a collector database (read-only)."""
-    conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
-    try:
-        devices = [device] if device else [r[0] for r in conn.execute("SELECT DISTINCT device FROM records ORDER BY device")]
-        dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
-        out = []
-        for dev in devices:
-            by_kind = dict(conn.execute("SELECT kind, count(*) FROM records WHERE device = ? GROUP BY kind", (dev,)))
-            first, last = conn.execute("SELECT min(utc), max(utc) FROM records WHERE device = ?", (dev,)).fetchone()
-            distance, prev = 0.0, None
-            for lat, lon in conn.execute(
-                "SELECT lat, lon FROM records WHERE device = ? AND kind = 'fix' ORDER BY utc, seq", (dev,)
-            ):
-                if prev is not None:
-                    distance += haversine_m(prev[0], prev[1], lat, lon)
-                prev = (lat, lon)
-            out.append(DeviceSummary(dev, sum(by_kind.values()), by_kind, first, last, distance, dead))
-        return out
-    finally:
-        conn.close()

@@ -121,18 +121,24 @@ def test_summary_prints_records_time_span_and_distance(tmp_path):
     db = tmp_path / "c.sqlite"
     store = SqliteStore(db)
     fixes = records(1, 11)  # 10 steps of 0.01 degree of latitude: 11.12 km
-    events = [Record(utc=1.7e9 + 5, mono=0.0, seq=100, data=Event(type="harsh_braking"))]
+    events = [Record(utc=1.7e9 + 5, mono=0.0, seq=100, data=Event(type="harsh_brake")),
+              Record(utc=1.7e9 + 9, mono=0.0, seq=101, data=Event(type="trip_end"))]
     store.store([Incoming("truck-1", fixes + events, False, time.time())], [])
     store.close()
     out = subprocess.run([BIN / "telematics-collector", "summary", "--db", str(db)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "device truck-1: 12 records stored (1 event, 11 fix)" in out.stdout
-    assert "0 min 10 s" in out.stdout and "distance 11.12 km" in out.stdout
+    assert "device truck-1: 13 records stored (2 event, 11 fix)" in out.stdout
+    assert "0 min 10 s" in out.stdout and "distance 11.12 km" in out.stdout and "1 trips completed" in out.stdout
+    assert "events: harsh_brake 1, trip_end 1" in out.stdout
     as_json = subprocess.run(
         [BIN / "telematics-collector", "summary", "--db", str(db), "--json"], capture_output=True, text=True
     )
     doc = json.loads(as_json.stdout)
-    assert doc["records"] == 12 and doc["duration_s"] == 10.0 and abs(doc["distance_km"] - 11.119) < 0.01
+    assert doc["records"] == 13 and doc["duration_s"] == 10.0 and abs(doc["distance_km"] - 11.119) < 0.01
+    assert doc["trips"] == 1 and doc["events"] == {"harsh_brake": 1, "trip_end": 1}
+    last = fixes[-1].data
+    assert doc["last_position"] == {"lat": last.lat, "lon": last.lon}
+    assert doc["last_seen"] is not None
 
 
 def test_summary_of_a_missing_database_is_one_clear_line(tmp_path):

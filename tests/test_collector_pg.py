@@ -184,6 +184,11 @@ def test_gaps_export_and_reprocess_commands(backend, pg_dsn, tmp_path):
     bad = _cli("export", "--db", target, "--device", "x", "--from", "yesterday", "--to", "1", "--format", "csv")
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr
 
+    summary = json.loads(_cli("summary", "--db", target, "--json").stdout)
+    assert summary["records"] == 28 and summary["by_kind"] == {"event": 1, "fix": 27}
+    assert summary["events"] == {"geofence_enter": 1} and summary["trips"] == 0
+    assert summary["last_position"] == {"lat": records[-2].data.lat, "lon": records[-2].data.lon}
+
     out = _cli("reprocess", "--db", target)
     assert out.returncode == 0, out.stderr
     assert "1 dead letters decoded (3 records, 3 new), 1 still undecodable" in out.stdout
