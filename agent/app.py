@@ -78,6 +78,7 @@ class Agent:
         self.edge = None
         self.fix_filter = None
         self.remote = None
+        self.fence_sync = None
         self.updater = None
         self.renewer = None
         self.pipeline: Pipeline | None = None
@@ -288,6 +289,12 @@ class Agent:
             renew_certificate=self.renewer.handle if self.renewer is not None else None,
         )
         self._spawn("remote", self.remote.run, self._ops_stop)
+        # Fence sets announced by a retained manifest, fetched only when it changed (docs/geofences.md).
+        from agent.ops.fences_sync import FenceSync
+
+        self.fence_sync = FenceSync(self.link, self.data_dir, self.clock, active=lambda: self.remote.store.fences,
+                                    submit=self.remote.submit_fences)
+        self._spawn("fences-sync", self.fence_sync.run, self._ops_stop)
 
     def _apply_config(self, config: Config) -> None:
         """A validated remote change takes effect by a restart of the agent with the merged config

@@ -14,6 +14,7 @@ COMMANDS = {
     "reprocess": ("collector.commands.reprocess", "decode the dead letters again and store what now decodes"),
     "sign-certs": ("collector.commands.sign_certs", "answer devices' certificate renewal requests with a CA or a command"),
     "serve-updates": ("collector.commands.serve_updates", "send over-the-air update chunks to devices that ask over MQTT"),
+    "fences": ("collector.commands.fences", "publish fence sets to devices (retained manifest, set on request) and serve them"),
 }
 
 

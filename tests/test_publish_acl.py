@@ -20,7 +20,7 @@ ACL = Path(__file__).resolve().parent.parent / "firmware_config" / "mosquitto-ac
 def acl_broker(tmp_path):
     passwd = tmp_path / "passwd"
     exe = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-    for user in ("truck-1", "truck-2", "collector"):
+    for user in ("truck-1", "truck-2", "collector", "fences"):
         subprocess.run([exe, "-b", *(["-c"] if user == "truck-1" else []), str(passwd), user, f"pw-{user}"], check=True)
     acl = tmp_path / "acl"
     shutil.copy(ACL, acl)
@@ -91,4 +91,31 @@ def test_a_device_writes_and_reads_only_its_own_topics(acl_broker):
         assert topics == ["telematics/truck-1/telemetry"], "the spoofed telemetry never reached the collector"
     finally:
         for c in (collector, truck1, truck2):
+            c.close()
+
+
+def test_fence_sets_reach_only_their_device(acl_broker):
+    """The fence publisher writes manifests and sets; a device asks only for its own, reads only its own."""
+    fences = Client(acl_broker.port, "fences")
+    truck1 = Client(acl_broker.port, "truck-1")
+    truck2 = Client(acl_broker.port, "truck-2")
+    try:
+        assert fences.subscribe("telematics/+/geofences/get") == 1
+        assert truck1.subscribe("telematics/truck-1/geofences/manifest") == 1
+        assert truck1.subscribe("telematics/truck-1/geofences/set") == 1
+        truck1.subscribe("telematics/truck-2/geofences/set")  # granted, but nothing is delivered
+        assert fences.publish("telematics/truck-1/geofences/manifest") == 0
+        assert fences.publish("telematics/truck-2/geofences/set") == 0
+        assert fences.publish("telematics/truck-1/geofences/set") == 0
+        assert truck1.publish("telematics/truck-1/geofences/get") == 0
+        assert truck1.publish("telematics/truck-2/geofences/get") == NOT_AUTHORIZED
+        assert truck2.publish("telematics/truck-1/geofences/manifest") == NOT_AUTHORIZED
+        assert truck2.publish("telematics/truck-1/geofences/set") == NOT_AUTHORIZED
+        assert fences.publish("telematics/truck-1/command") == NOT_AUTHORIZED
+        wait_until(lambda: len(truck1.messages) == 2 and fences.messages, 5, message="the exchange delivered")
+        time.sleep(0.3)
+        assert [t for t, _ in truck1.messages] == ["telematics/truck-1/geofences/manifest", "telematics/truck-1/geofences/set"]
+        assert [t for t, _ in fences.messages] == ["telematics/truck-1/geofences/get"]
+    finally:
+        for c in (fences, truck1, truck2):
             c.close()

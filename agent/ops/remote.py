@@ -10,6 +10,9 @@ Topics (below ``{topic_prefix}/{device_id}/``), JSON payloads, answers on ``resp
 - ``command``: ``{"id": "k1", "command": "status" | "flush" | "set_log_level" | "restart" | "update"
   | "renew_certificate", "args": {...}}``. Anything else is refused and logged. ``update`` and
   ``renew_certificate`` are served by agent/ota and agent/certs (docs/ota.md, docs/certificates.md).
+- A fence set fetched through the retained manifest (agent/ops/fences_sync.py) comes in through
+  ``submit_fences`` and goes the way of a ``config`` request with ``geofences`` (id
+  ``geofences:{version}``); its SHA-256 is kept with it, to compare with the next manifest.
 
 The remote state lives in ``{data_dir}/remote.json`` (written atomically: settings, fences and
 what they replaced); the config file under /etc stays as the installer wrote it. A change still
@@ -147,6 +150,13 @@ class RemoteStore:
         self.save({**self.state, "responded": True})
 
 
+def _geojson(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise RemoteError(f"geofences: not valid JSON: {exc}") from exc
+
+
 def load_effective_config(path: str | Path) -> Config:
     """The config file with the remote settings merged over it (the agent starts with this).
 
@@ -217,7 +227,8 @@ class RemoteManager:
         self._replace_fences = replace_fences
         # Long-running commands: the handler checks the request, starts the work and returns at once.
         self._handlers = {"update": update, "renew_certificate": renew_certificate}
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
+        # (topic, payload): a config or command message, or ("fences", (version, sha256, data)).
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=64)
         self._restarting = False  # a change takes effect at the next start: serve nothing more
 
     @property
@@ -229,7 +240,11 @@ class RemoteManager:
         self.link.subscribe("config", lambda payload: self._enqueue("config", payload))
         self.link.subscribe("command", lambda payload: self._enqueue("command", payload))
 
-    def _enqueue(self, topic: str, payload: bytes) -> None:
+    def submit_fences(self, version: str, sha256: str, data: bytes) -> None:
+        """Apply a fetched fence set (bytes already checked against their manifest) in ``run``'s thread."""
+        self._enqueue("fences", (version, sha256, data))
+
+    def _enqueue(self, topic: str, payload: Any) -> None:
         try:
             self._inbox.put_nowait((topic, payload))
         except queue.Full:
@@ -248,16 +263,21 @@ class RemoteManager:
                 topic, payload = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
-            request_id = None
+            request_id = sha256 = None
             try:
-                request = json.loads(payload)
+                if topic == "fences":
+                    version, sha256, data = payload
+                    request_id = f"geofences:{version}"
+                    request = {"id": request_id, "geofences": _geojson(data), "geofences_version": version}
+                else:
+                    request = json.loads(payload)
                 if not isinstance(request, dict):
                     raise RemoteError("the request must be a JSON object")
                 request_id = request.get("id")
-                if topic == "config":
-                    self.change(request, stop)
-                else:
+                if topic == "command":
                     self.command(request)
+                else:
+                    self.change(request, stop, sha256)
             except ValueError as exc:  # RemoteError, and JSON that does not parse
                 reason = str(exc) if isinstance(exc, RemoteError) else f"not valid JSON: {exc}"
                 log.warning("remote %s %s refused: %s", topic, request_id or "(no id)", reason)
@@ -265,8 +285,10 @@ class RemoteManager:
 
     # -- settings and fences --------------------------------------------------------------------
 
-    def change(self, request: dict[str, Any], stop: threading.Event) -> None:
-        """Validate, save and apply one config request; confirm it or roll it back."""
+    def change(self, request: dict[str, Any], stop: threading.Event, sha256: str | None = None) -> None:
+        """Validate, save and apply one config request; confirm it or roll it back.
+
+        ``sha256``: of the fence set's bytes as its manifest announced them (kept with the set)."""
         request_id = request.get("id")
         unknown = set(request) - {"id", "settings", "geofences", "geofences_version"}
         if unknown:
@@ -284,6 +306,8 @@ class RemoteManager:
             if self._parse_fences is None:
                 raise RemoteError("this agent has no geofence processor")
             fences = {"geojson": request["geofences"], "version": request.get("geofences_version")}
+            if sha256 is not None:
+                fences["sha256"] = sha256
             fence_set = self._parse(fences)
         self.store.stage(request_id, settings, fences)
         log.info("remote change %s: applying (config %s)", request_id, config_version(new_config))

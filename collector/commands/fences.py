@@ -1,0 +1,82 @@
+"""``telematics-collector fences publish|serve``: fence sets for devices over MQTT (docs/geofences.md).
+
+``publish --file F --version V (--device D ... | --all)`` validates the set, records the assignment
+in ``--dir``, publishes the retained manifests, then serves the devices' requests for the set;
+``serve`` only serves what ``--dir`` holds. Both run until SIGTERM or SIGINT; run one per broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from agent.cli_base import CommandError
+from agent.ops.fences_sync import MAX_SET_BYTES, MAX_VERSION_CHARS
+from agent.ops.logging import setup_logging
+from collector.config import CollectorConfigError, load_collector_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["publish", "serve"], help="publish a set, or serve the sets published")
+    parser.add_argument("--dir", required=True, help="state directory: assignments and the sets' files")
+    parser.add_argument("--file", help="publish: the GeoJSON fence set")
+    parser.add_argument("--version", dest="set_version", metavar="VERSION", help="publish: the set's version, e.g. v42")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--device", action="append", help="publish: for this device (repeatable)")
+    target.add_argument("--all", action="store_true", help="publish: for every device without a set of its own")
+    parser.add_argument("--config", "-c", default=None, help="the collector's YAML config (its mqtt section is used)")
+    parser.add_argument("--host", help="broker host (default from the config, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="broker port (default from the config, 1883)")
+    parser.add_argument("--topic-prefix", help="topic prefix (default telematics)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _set_to_publish(args: argparse.Namespace) -> bytes:
+    if not args.file or not args.set_version or not (args.device or args.all):
+        raise CommandError("publish needs --file, --version and --device D (repeatable) or --all")
+    if not 0 < len(args.set_version) <= MAX_VERSION_CHARS:
+        raise CommandError(f"--version must have 1 to {MAX_VERSION_CHARS} characters")
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
+    if not 0 < len(data) <= MAX_SET_BYTES:
+        raise CommandError(f"{args.file}: a set must have 1 to {MAX_SET_BYTES} bytes")
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.processors.geofence import GeofenceError
+    from collector.fences import FencePublisher
+
+    try:
+        mqtt_cfg = load_collector_config(args.config).mqtt
+    except CollectorConfigError as exc:
+        raise CommandError(str(exc)) from exc
+    data = _set_to_publish(args) if args.action == "publish" else None
+    setup_logging(args.log_level)
+    try:
+        publisher = FencePublisher(args.host or mqtt_cfg.host, args.port or mqtt_cfg.port,
+                                   args.topic_prefix or mqtt_cfg.topic_prefix, args.dir, tls=mqtt_cfg.tls,
+                                   username=mqtt_cfg.username, password=mqtt_cfg.password)
+        if data is not None:
+            manifest = publisher.assign(data, args.set_version, None if args.all else args.device)
+            print(f"{args.file}: version {manifest['version']}, {manifest['size']} bytes, sha256 {manifest['sha256']}", flush=True)
+    except GeofenceError as exc:
+        raise CommandError(f"{args.file}: {exc}") from exc
+    except OSError as exc:
+        raise CommandError(f"cannot write to {args.dir}: {exc.strerror or exc}") from exc
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        publisher.start()
+    except OSError as exc:
+        raise CommandError(f"cannot reach the broker: {exc.strerror or exc}") from exc
+    try:
+        stop.wait()
+    finally:
+        publisher.stop()
+    return 0
