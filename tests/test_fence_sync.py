@@ -7,7 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -320,3 +324,69 @@ def test_a_manifest_is_accepted_exactly_when_its_fields_are_valid(doc):
     else:
         with pytest.raises(ValueError):
             parse_manifest(json.dumps(doc).encode())
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+COLLECTOR = Path(sys.executable).parent / "telematics-collector"
+
+
+def test_the_publish_command_serves_a_device_until_sigterm(world, mosquitto, tmp_path):
+    _, publisher, spy, start_device = world
+    publisher.stop()  # the command's own publisher serves instead
+    geojson = tmp_path / "fences.geojson"
+    geojson.write_bytes(fence_set("depot", "customer"))
+    proc = subprocess.Popen(
+        [COLLECTOR, "fences", "publish", "--dir", str(tmp_path / "cli-state"), "--file", str(geojson), "--version",
+         "cli-1", "--device", DEVICE, "--port", str(mosquitto.port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith(f"{geojson}: version cli-1, {len(geojson.read_bytes())} bytes, sha256 ")
+        device = start_device()
+        assert spy.response("geofences:cli-1")["ok"] is True
+        assert device.ids() == ["customer", "depot"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["publish", "--file", "{bad}", "--version", "v1", "--device", "d"], "castle"),
+    (["publish", "--file", "{missing}", "--version", "v1", "--all"], "cannot read"),
+    (["publish", "--file", "{bad}", "--version", "v1"], "publish needs --file, --version and --device"),
+])
+def test_the_command_refuses_in_one_line(tmp_path, args, message):
+    bad = tmp_path / "bad.geojson"
+    bad.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "x", "properties": {"type": "castle"}, "geometry": {"type": "Point", "coordinates": [4, 52]}}]}))
+    args = [a.format(bad=bad, missing=tmp_path / "missing.geojson") for a in args]
+    out = subprocess.run([COLLECTOR, "fences", *args, "--dir", str(tmp_path / "state"), "--port", "1"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_the_whole_agent_takes_its_set_from_the_manifest_once(tmp_path, mosquitto, data_dir):
+    """agent.app.Agent as the daemon runs it: fetched at the first start, kept across a restart."""
+    from agent.app import Agent
+    from agent.config import load_config
+
+    config_path = tmp_path / "agent.yaml"
+    config_path.write_text(f"device:\n  id: {DEVICE}\n  data_dir: {data_dir}\ngps:\n  enabled: false\n"
+                           f"mqtt:\n  port: {mosquitto.port}\n  reconnect_min_s: 0.2\n  reconnect_max_s: 1\n")
+    publisher = FencePublisher("127.0.0.1", mosquitto.port, "telematics", tmp_path / "fences").start()
+    publisher.assign(fence_set("depot"), "agent-v1", [DEVICE])
+    agent = Agent(load_config(config_path), config_path=config_path)
+    try:
+        agent.start()
+        wait_until(lambda: agent.edge.geofences.version == "agent-v1", 15, message="the set applied")
+        agent.stop()
+        agent = Agent(load_config(config_path), config_path=config_path)
+        agent.start()
+        assert agent.edge.geofences.version == "agent-v1"  # from remote.json, before any message
+        wait_until(lambda: agent.fence_sync.counts["manifests"] == 1, 15, message="the retained manifest")
+        assert agent.fence_sync.counts["gets"] == 0 and publisher.counts["sets"] == 1
+    finally:
+        agent.stop()
+        publisher.stop()
