@@ -101,6 +101,7 @@ class DurableBuffer:
         self._db_lock = threading.RLock()
         self._commit_lock = threading.Lock()
         self._pending: list[Record] = []
+        self._appended = threading.Event()  # wakes the committer (leading-edge grouping)
         self._next_seq = 1
         self._reserve = 0
         self._committed_next = 1
@@ -196,6 +197,7 @@ class DurableBuffer:
                 seq += 1
             self._next_seq = seq
             self._pending.extend(records)
+        self._appended.set()
 
     def flush(self) -> None:
         """Commit everything appended so far, now, and apply every acknowledgement."""
@@ -316,33 +318,49 @@ class DurableBuffer:
     # -- committing ---------------------------------------------------------------------------
 
     def _committer(self) -> None:
+        # Leading-edge grouping: a record appended when no write has been committed within the last
+        # window is committed at once (at vehicle rates, one record a second, that is every record,
+        # and its latency is a fsync, not a window); records arriving within a window of the last
+        # write wait for the window's end and share its fsync. At most one write commit per window
+        # either way. Idle ticks (nothing pending) keep applying acknowledged deletions.
         window = self._config.commit_window_s
-        next_at = time.monotonic() + window
+        last_write = float("-inf")
         failing = False
-        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
-            next_at = time.monotonic() + window
+        while not self._stop.is_set():
+            self._appended.wait(window)
+            earliest = last_write + window
+            if self._appended.is_set() and time.monotonic() < earliest and self._stop.wait(earliest - time.monotonic()):
+                break
+            if self._stop.is_set():
+                break
+            self._appended.clear()
             try:
                 with self._commit_lock:
-                    self._commit(force=False)
+                    wrote = self._commit(force=False)
             except sqlite3.Error as exc:
                 if not failing:
                     log.error("buffer %s: commit failed (%s); keeping the records in memory, retrying each window", self._path, exc)
                 failing = True
+                self._stop.wait(window)
                 continue
             except Exception:  # a bug: the committer must outlive it, loudly
                 log.exception("buffer commit failed; retrying next window")
+                self._stop.wait(window)
                 continue
+            if wrote:
+                last_write = time.monotonic()
             if failing:
                 log.warning("buffer %s: commits work again", self._path)
                 failing = False
 
-    def _commit(self, force: bool) -> None:
+    def _commit(self, force: bool) -> bool:
+        """Write what is pending (and due deletions) in one transaction; True when records were written."""
         with self._pending_lock:
             batch, self._pending = self._pending, []
         with self._db_lock:
             if self._conn is None:
                 self._requeue_pending(batch)
-                return
+                return False
             apply = bool(self._deletes) and (
                 force
                 or time.monotonic() - self._deletes_applied_at >= DELETE_INTERVAL_S
@@ -352,7 +370,7 @@ class DurableBuffer:
             )
             deletes = self._deletes.ranges() if apply else []
             if not batch and not deletes:
-                return
+                return False
             started = time.perf_counter()
             try:
                 self._write(batch, deletes)
@@ -363,11 +381,11 @@ class DurableBuffer:
                     self._requeue_pending(batch)
                     self._move_aside(f"write failed: {exc}", lost=lost)
                     self._connect()
-                    return
+                    return False
                 if not (_is_full(exc) and self._retry_after_making_room(batch, deletes, exc)):
                     self._requeue_pending(batch)
                     if _is_full(exc):
-                        return  # in memory, bounded; tried again next window
+                        return False  # in memory, bounded; tried again next window
                     raise
             if deletes:
                 self._deletes = _RangeSet()
@@ -378,6 +396,7 @@ class DurableBuffer:
                 log.warning("buffer %s: writing again after a full disk", self._path)
             self._counters.commits += 1
             self._counters.last_commit_s = time.perf_counter() - started
+            return bool(batch)
 
     def _write(self, batch: list[Record], deletes: list[tuple[int, int]]) -> None:
         conn = self._conn
