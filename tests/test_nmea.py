@@ -262,3 +262,11 @@ def test_decode_file_skips_comments_and_reads_a_last_line_without_ending(tmp_pat
     assert [iso_utc(u) for u, _ in decode_file(path)] == ["2017-01-10T00:09:41.000Z", "2017-01-10T00:09:42.000Z"]
     with pytest.raises(OSError):
         list(decode_file(tmp_path / "missing.nmea"))
+
+
+@pytest.mark.parametrize("day_month", ["99999999999999999999,01", "10,99999999999999999999"])
+def test_a_zda_day_or_month_beyond_a_c_long_dates_nothing_and_does_not_raise(day_month):
+    # datetime.date raises OverflowError, not ValueError, for these: it used to end the GPS thread.
+    fixes, decoder = decode(s(f"GPZDA,000941.00,{day_month},2017,00,00") + s(RMC))
+    assert [iso_utc(u) for u, _ in fixes] == ["2017-01-10T00:09:41.000Z"]  # the RMC's date
+    assert decoder.counters["sentences"] == 2

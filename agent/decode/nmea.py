@@ -149,7 +149,7 @@ def _position(fields: list[str], index: int, rank: int) -> tuple[float, float, i
 def _date_ordinal(day: int, month: int, year: int) -> int | None:
     try:
         return _dt.date(year, month, day).toordinal()
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: a ZDA day or month beyond a C long
         return None
 
 
