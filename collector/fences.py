@@ -163,7 +163,8 @@ class FencePublisher:
             if manifest is None:
                 raise ValueError("no fence set is assigned to it")
             if request.get("sha256") != manifest["sha256"] or request.get("version") != manifest["version"]:
-                raise ValueError(f"it asked for {request.get('version')!r}, the set assigned is {manifest['version']!r}")
+                raise ValueError(f"it asked for {request.get('version')!r}, "
+                                 f"the set assigned is {manifest['version']!r}")
             data = self._set_path(manifest["sha256"]).read_bytes()
         except (OSError, ValueError) as exc:
             self.counts["refused"] += 1

@@ -359,7 +359,8 @@ def test_the_publish_command_serves_a_device_until_sigterm(world, mosquitto, tmp
 def test_the_command_refuses_in_one_line(tmp_path, args, message):
     bad = tmp_path / "bad.geojson"
     bad.write_text(json.dumps({"type": "FeatureCollection", "features": [
-        {"type": "Feature", "id": "x", "properties": {"type": "castle"}, "geometry": {"type": "Point", "coordinates": [4, 52]}}]}))
+        {"type": "Feature", "id": "x", "properties": {"type": "castle"},
+         "geometry": {"type": "Point", "coordinates": [4, 52]}}]}))
     args = [a.format(bad=bad, missing=tmp_path / "missing.geojson") for a in args]
     out = subprocess.run([COLLECTOR, "fences", *args, "--dir", str(tmp_path / "state"), "--port", "1"],
                          capture_output=True, text=True, timeout=30)

@@ -6,13 +6,14 @@ Below ``P = {topic_prefix}/{device_id}`` (docs/geofences.md, "Fence sets over MQ
   "<hex of the set's bytes>", "size": N}``. The broker hands it over at every (re)subscription;
   it costs about 120 bytes.
 - ``P/geofences/get`` (from the device): ``{"version": ..., "sha256": ...}``, sent only when the
-  manifest differs (version or hash) from the set in force and from the last one fetched.
+  manifest differs (version or hash) from the set in force and from the last one dealt with.
 - ``P/geofences/set`` (not retained, from the fence server): the GeoJSON bytes. Their size and
   SHA-256 are checked against the manifest before the set goes to remote management
   (``RemoteManager.submit_fences``), which validates, applies, confirms or rolls back, and answers
   on ``P/response`` with the id ``geofences:{version}``, exactly like a ``config`` request.
 
-The last manifest fetched is kept in ``{data_dir}/geofences-sync.json``, so a set that was refused
+The last manifest dealt with (its set applied or refused) is kept in
+``{data_dir}/geofences-sync.json``, so a set that was refused
 (invalid, or not matching its manifest twice) is not fetched again, on reconnect or after a
 restart, until the manifest changes.
 """
@@ -94,13 +95,14 @@ class FenceSync:
     """Follows the retained manifest and fetches a set only when it changed.
 
     ``active()`` is the fence entry in force (RemoteStore.fences: ``version`` and ``sha256``);
-    ``submit(version, sha256, data)`` hands a checked set to remote management. Callbacks run in
+    ``submit(version, sha256, data, done)`` hands a checked set to remote management, which calls
+    ``done()`` once the set was applied or refused. Callbacks run in
     the link's thread; ``run(stop)`` subscribes and re-sends an unanswered get every ``retry_s``.
     """
 
     def __init__(self, link: Link, data_dir: str | Path, clock: Clock, *,
                  active: Callable[[], dict[str, Any] | None],
-                 submit: Callable[[str, str, bytes], None],
+                 submit: Callable[[str, str, bytes, Callable[[], None]], None],
                  retry_s: float = FETCH_RETRY_S) -> None:
         self.link = link
         self.clock = clock
@@ -111,6 +113,7 @@ class FenceSync:
         self.fetched: dict[str, Any] | None = self._state.load().get("fetched")
         self._lock = threading.Lock()
         self._wanted: dict[str, Any] | None = None
+        self._applying: dict[str, Any] | None = None  # handed to remote management, outcome not yet known
         self._asked_at = 0.0
         self._mismatches = 0
         self.counts = {"manifests": 0, "gets": 0, "sets": 0, "set_bytes": 0, "refused": 0}
@@ -138,7 +141,7 @@ class FenceSync:
             return
         key = _key(manifest)
         with self._lock:
-            fetch = key not in (_key(self._active()), _key(self.fetched))
+            fetch = key not in (_key(self._active()), _key(self.fetched), _key(self._applying))
             if fetch and _key(self._wanted) != key:
                 self._mismatches = 0
             self._wanted = manifest if fetch else None
@@ -180,14 +183,19 @@ class FenceSync:
             response = {"id": request_id(manifest["version"]), "ok": False, "error": f"geofences: {exc}"}
             self.link.publish_message("response", json.dumps(response).encode(), qos=1)
             return
-        self._done(manifest)
+        with self._lock:
+            if _key(self._wanted) == _key(manifest):
+                self._wanted, self._mismatches = None, 0
+            self._applying = manifest
         log.info("geofence set %s fetched (%d bytes): applying", manifest["version"], len(data))
-        self._submit(manifest["version"], manifest["sha256"], data)
+        self._submit(manifest["version"], manifest["sha256"], data, lambda: self._done(manifest))
 
     def _done(self, manifest: dict[str, Any]) -> None:
-        """Remember ``manifest`` as fetched (accepted or not): it is not asked for again."""
+        """Remember ``manifest`` as dealt with (applied or refused): it is not asked for again."""
         with self._lock:
-            self._wanted = None
-            self._mismatches = 0
+            if _key(self._wanted) == _key(manifest):
+                self._wanted, self._mismatches = None, 0
+            if _key(self._applying) == _key(manifest):
+                self._applying = None
             self.fetched = manifest
             self._state.save({"fetched": manifest})

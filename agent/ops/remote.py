@@ -227,7 +227,7 @@ class RemoteManager:
         self._replace_fences = replace_fences
         # Long-running commands: the handler checks the request, starts the work and returns at once.
         self._handlers = {"update": update, "renew_certificate": renew_certificate}
-        # (topic, payload): a config or command message, or ("fences", (version, sha256, data)).
+        # (topic, payload): a config or command message, or ("fences", (version, sha256, data, done)).
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=64)
         self._restarting = False  # a change takes effect at the next start: serve nothing more
 
@@ -240,9 +240,10 @@ class RemoteManager:
         self.link.subscribe("config", lambda payload: self._enqueue("config", payload))
         self.link.subscribe("command", lambda payload: self._enqueue("command", payload))
 
-    def submit_fences(self, version: str, sha256: str, data: bytes) -> None:
-        """Apply a fetched fence set (bytes already checked against their manifest) in ``run``'s thread."""
-        self._enqueue("fences", (version, sha256, data))
+    def submit_fences(self, version: str, sha256: str, data: bytes, done: Callable[[], None]) -> None:
+        """Apply a fetched fence set (bytes already checked against their manifest) in ``run``'s thread;
+        ``done()`` once it was applied, refused or rolled back (not when the agent stops first)."""
+        self._enqueue("fences", (version, sha256, data, done))
 
     def _enqueue(self, topic: str, payload: Any) -> None:
         try:
@@ -263,10 +264,10 @@ class RemoteManager:
                 topic, payload = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
-            request_id = sha256 = None
+            request_id = sha256 = done = None
             try:
                 if topic == "fences":
-                    version, sha256, data = payload
+                    version, sha256, data, done = payload
                     request_id = f"geofences:{version}"
                     request = {"id": request_id, "geofences": _geojson(data), "geofences_version": version}
                 else:
@@ -282,6 +283,8 @@ class RemoteManager:
                 reason = str(exc) if isinstance(exc, RemoteError) else f"not valid JSON: {exc}"
                 log.warning("remote %s %s refused: %s", topic, request_id or "(no id)", reason)
                 self.respond({"id": request_id, "ok": False, "error": reason})
+            if done is not None and not (stop.is_set() or self._restarting):
+                done()
 
     # -- settings and fences --------------------------------------------------------------------
 

@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                                    username=mqtt_cfg.username, password=mqtt_cfg.password)
         if data is not None:
             manifest = publisher.assign(data, args.set_version, None if args.all else args.device)
-            print(f"{args.file}: version {manifest['version']}, {manifest['size']} bytes, sha256 {manifest['sha256']}", flush=True)
+            print(f"{args.file}: version {manifest['version']}, {manifest['size']} bytes, "
+                  f"sha256 {manifest['sha256']}", flush=True)
     except GeofenceError as exc:
         raise CommandError(f"{args.file}: {exc}") from exc
     except OSError as exc:
