@@ -9,10 +9,7 @@ is empty and the collector has stored everything; and prints a summary.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +17,7 @@ import time
 from pathlib import Path
 
 from agent.cli_base import CommandError
+from sim.broker import BrokerError, MosquittoBroker, end_process, listening
 
 BUNDLED_DRIVE = Path(__file__).resolve().parent / "drives" / "delivery_route.nmea"
 BUNDLED_FENCES = BUNDLED_DRIVE.with_suffix(".geojson")
@@ -32,18 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path("demo-data"), help="where the demo keeps its files (emptied first)")
     parser.add_argument("--broker", default=None, help="HOST:PORT of a broker to use instead of 127.0.0.1:1883 or our own")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds")
-
-
-def _listening(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tool(name: str) -> str:
@@ -68,40 +54,28 @@ class _Processes:
         return proc
 
     def stop(self, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_process(proc, timeout=timeout)
 
     def stop_all(self) -> None:
         for proc in reversed(self.children):
             self.stop(proc)
 
 
-def _broker(args: argparse.Namespace, procs: _Processes, workdir: Path) -> tuple[str, int]:
+def _broker(args: argparse.Namespace, workdir: Path) -> tuple[str, int, MosquittoBroker | None]:
+    """The broker to use: ``--broker``, the one on 127.0.0.1:1883, or our own on a free port."""
     if args.broker:
         host, _, port = args.broker.rpartition(":")
-        return host or "127.0.0.1", int(port)
-    if _listening("127.0.0.1", 1883):
+        return host or "127.0.0.1", int(port), None
+    if listening("127.0.0.1", 1883):
         print("demo: using the Mosquitto broker on 127.0.0.1:1883")
-        return "127.0.0.1", 1883
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if exe is None:
-        raise CommandError("no broker on 127.0.0.1:1883 and mosquitto is not installed: sudo apt-get install mosquitto")
-    port = _free_port()
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    procs.start([exe, "-c", str(conf)], workdir / "mosquitto.log")
-    deadline = time.monotonic() + 10
-    while not _listening("127.0.0.1", port):
-        if time.monotonic() > deadline:
-            raise CommandError(f"the demo's own mosquitto did not start: see {workdir / 'mosquitto.log'}")
-        time.sleep(0.05)
-    print(f"demo: no broker on 127.0.0.1:1883, started mosquitto on 127.0.0.1:{port}")
-    return "127.0.0.1", port
+        return "127.0.0.1", 1883, None
+    try:
+        broker = MosquittoBroker(workdir)
+        broker.start()
+    except BrokerError as exc:
+        raise CommandError(f"no broker on 127.0.0.1:1883, and {exc}") from exc
+    print(f"demo: no broker on 127.0.0.1:1883, started mosquitto on 127.0.0.1:{broker.port}")
+    return "127.0.0.1", broker.port, broker
 
 
 def _agent_config(workdir: Path, pty_path: str, host: str, port: int) -> Path:
@@ -141,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     procs = _Processes()
+    broker = None
     try:
-        host, port = _broker(args, procs, workdir)
+        host, port, broker = _broker(args, workdir)
         db = workdir / "collector.sqlite"
         procs.start(
             [_tool("telematics-collector"), "run", "--host", host, "--port", str(port),
@@ -183,3 +158,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         procs.stop_all()
+        if broker is not None:
+            broker.stop()

@@ -27,7 +27,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from agent.config import ConfigError, parse_config
 from agent.decode.nmea import NmeaDecoder
 from agent.processors.fix_filter import FixFilter
 from agent.record import Fix, Record, iso_utc, parse_iso_utc
+from sim.broker import BrokerError, MosquittoBroker, end_process
 
 log = logging.getLogger(__name__)
 
@@ -189,57 +189,6 @@ def merge(base: dict, over: dict) -> dict:
 # ---- the parts -----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise ScenarioError(f"mosquitto did not listen on 127.0.0.1:{port} within {timeout:g} s")
-
-
-class Broker:
-    """A private ``mosquitto`` on a free port (no persistence), stopped and started again by PID."""
-
-    def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-        if exe is None:
-            raise ScenarioError("mosquitto is not installed: apt-get install mosquitto (or scripts/setup)")
-        self.exe = exe
-        self.port = _free_port()
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.log = workdir / "mosquitto.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log_file:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log_file, stderr=subprocess.STDOUT)
-        _wait_port(self.port)
-
-    def stop(self) -> None:
-        _end(self.proc)
-        self.proc = None
-
-
-def _end(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def libfaketime() -> str | None:
     """The libfaketime shared object (Debian package faketime), or None."""
     found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1"))
@@ -285,10 +234,10 @@ class AgentProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
-        _end(self.proc, signal.SIGKILL)
+        end_process(self.proc, signal.SIGKILL)
 
     def stop(self) -> None:
-        _end(self.proc)
+        end_process(self.proc)
 
 
 class SerialPort:
@@ -424,7 +373,7 @@ class Rig:
                "broker_down": ("broker_down", "broker_up"), "can_adapter_loss": ("can_loss", "can_back")}
     UNDO = frozenset(undo for _, undo in LASTING.values())
 
-    def __init__(self, workdir: Path, config, agent: AgentProcess, gps: SerialPort, broker: Broker,
+    def __init__(self, workdir: Path, config, agent: AgentProcess, gps: SerialPort, broker: MosquittoBroker,
                  can_line: CanLine | None) -> None:
         self.config, self.agent, self.gps, self.broker, self.can_line = config, agent, gps, broker, can_line
         self.floor = _dt.datetime.combine(config.gps.rollover_floor, _dt.time(), _dt.timezone.utc).timestamp()
@@ -610,7 +559,7 @@ class Runner:
         day_shift_s = (self.today - first_date).days * DAY_S if first_date else 0.0
         gps = SerialPort(self.workdir / "gps0")
         can_line = CanLine(self.workdir / "can0") if s.inputs.can else None
-        broker = Broker(self.workdir)
+        broker = MosquittoBroker(self.workdir)
         config_path = self.workdir / "agent.yaml"
         config_path.write_text(yaml.safe_dump(self.agent_config(broker.port, gps.link, can_line and can_line.link),
                                               sort_keys=False))
@@ -684,22 +633,6 @@ class Runner:
         start_utc = nmea.timeline.start_utc + day_shift_s + s.start_s if nmea.timeline.start_utc is not None else None
         return Outcome(records, expected, may_lose, day_shift_s, start_utc, log_text, rig.clock_steps, offline,
                        change, can_replay.sent if can_replay else 0, can_line.dropped if can_line else 0)
-
-    def _process(self, config_path: Path, can_log: Path | None) -> list[dict]:
-        """``telematics-agent process`` on the NMEA bytes and CAN frames this run sent, with the agent's config."""
-        args = [str(Path(sys.executable).parent / "telematics-agent"), "process", "--nmea",
-                str(self.workdir / "sent.nmea"), "--config", str(config_path)]
-        if can_log is not None:
-            args += ["--can", str(can_log)]
-        if self.s.inputs.geofences:
-            args += ["--geofences", str(self.path(self.s.inputs.geofences))]
-        result = subprocess.run(args, capture_output=True, text=True, timeout=self.s.timeout_s)
-        if result.returncode != 0:
-            raise ScenarioError(f"telematics-agent process failed: {result.stderr.strip()}")
-        out = [json.loads(line) for line in result.stdout.splitlines()]
-        for line in out:
-            line["utc"] = parse_iso_utc(line["time"])
-        return out
 
     def _process(self, config_path: Path, can_log: Path | None) -> list[dict]:
         """``telematics-agent process`` on the NMEA bytes and CAN frames this run sent, with the agent's config."""
@@ -1038,7 +971,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         scenario, checks, _ = run_scenario(args.scenario, workdir, speed=args.speed,
                                            echo=lambda line: print(line, flush=True))
-    except ScenarioError as exc:
+    except (ScenarioError, BrokerError) as exc:
         raise CommandError(str(exc)) from exc
     finally:
         if not keep:

@@ -4,14 +4,12 @@ shared corpus, and temporary data directories."""
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from sim.broker import MosquittoBroker, free_port, mosquitto_exe, wait_for_port  # noqa: F401 (re-exported to tests)
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "corpus"
@@ -31,23 +29,6 @@ def corpus() -> Path:
     return _corpus_dir()
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -60,45 +41,10 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message
         time.sleep(interval)
 
 
-class MosquittoBroker:
-    """A real ``mosquitto`` process on a free port, stopped and restarted by PID."""
-
-    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.extra_conf = extra_conf
-        self.proc: subprocess.Popen | None = None
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-
-    def start(self) -> None:
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n{self.extra_conf}"
-        )
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
 @pytest.fixture
 def mosquitto(tmp_path_factory) -> MosquittoBroker:
     """A private Mosquitto on a free port (no persistence, like Mosquitto's default)."""
-    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+    if mosquitto_exe() is None:
         pytest.fail("mosquitto is not installed: apt-get install mosquitto")
     broker = MosquittoBroker(tmp_path_factory.mktemp("mosquitto"))
     broker.start()

@@ -19,7 +19,6 @@ import os
 import ssl
 import stat
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -259,10 +258,9 @@ class MqttLink:
     def _connect_once(self) -> mqtt.Client:
         cfg = self._config
         if cfg.tls is not None and not self._clock_plausible():
-            raise LinkDown(
-                f"the system clock ({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(self._clock.wall()))} UTC) "
-                "is not plausible yet: holding the TLS connection until GPS time or NTP sets it"
-            )
+            # No timestamp in the text: the same cause is logged once, not once per retry.
+            raise LinkDown("the system clock is not plausible yet (a Pi without RTC boots in the past): "
+                           "holding the TLS connection until GPS time or NTP sets it")
         protocol = MQTTProtocolVersion.MQTTv5 if self._use_v5 else MQTTProtocolVersion.MQTTv311
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
