@@ -342,7 +342,7 @@ class MqttLink:
         self._buffer.requeue_all()
         self._stats.update(connected=True, protocol="5" if self._use_v5 else "3.1.1", connects=self._stats["connects"] + 1)
         client.subscribe(self.topic("ack"), qos=1)
-        for topic in self._subs:
+        for topic in list(self._subs):  # other threads may subscribe meanwhile
             client.subscribe(topic, qos=1)
         client.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
         self._state(
