@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import TlsConfig
-from agent.ops.fences_sync import GET_TOPIC, MANIFEST_TOPIC, SET_TOPIC, make_manifest
+from agent.ops.fences_sync import GET_TOPIC, MANIFEST_TOPIC, SET_TOPIC, make_manifest, parse_manifest
 from agent.processors.geofence import GeofenceSet
 from agent.processors.state import StateFile
 
@@ -57,11 +57,15 @@ class FencePublisher:
     def assign(self, data: bytes, version: str, devices: Sequence[str] | None) -> dict[str, Any]:
         """Give ``devices`` (None: every device without its own set) the set ``data`` as ``version``.
 
-        The set is validated as the device would (GeofenceError, a ValueError, says why not);
-        the manifest is published at once when connected. Returns the manifest.
+        The set and its manifest are validated as the device would (ValueError, e.g. GeofenceError,
+        says why not); the manifest is published at once when connected. Returns the manifest.
         """
-        GeofenceSet.from_geojson(data)
+        for device in devices or ():
+            if not device or any(c in device for c in "+#/"):
+                raise ValueError(f"device id {device!r} cannot be part of a topic")
         manifest = make_manifest(data, version)
+        parse_manifest(json.dumps(manifest).encode())  # what devices would refuse is not published
+        GeofenceSet.from_geojson(data)
         path = self._set_path(manifest["sha256"])
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

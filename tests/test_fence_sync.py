@@ -355,13 +355,17 @@ def test_the_publish_command_serves_a_device_until_sigterm(world, mosquitto, tmp
     (["publish", "--file", "{bad}", "--version", "v1", "--device", "d"], "castle"),
     (["publish", "--file", "{missing}", "--version", "v1", "--all"], "cannot read"),
     (["publish", "--file", "{bad}", "--version", "v1"], "publish needs --file, --version and --device"),
+    (["publish", "--file", "{good}", "--version", "v" * 129, "--all"], "version must be a string of 1 to 128"),
+    (["publish", "--file", "{good}", "--version", "v1", "--device", "truck/+"], "cannot be part of a topic"),
 ])
 def test_the_command_refuses_in_one_line(tmp_path, args, message):
     bad = tmp_path / "bad.geojson"
     bad.write_text(json.dumps({"type": "FeatureCollection", "features": [
         {"type": "Feature", "id": "x", "properties": {"type": "castle"},
          "geometry": {"type": "Point", "coordinates": [4, 52]}}]}))
-    args = [a.format(bad=bad, missing=tmp_path / "missing.geojson") for a in args]
+    good = tmp_path / "good.geojson"
+    good.write_bytes(fence_set("depot"))
+    args = [a.format(bad=bad, good=good, missing=tmp_path / "missing.geojson") for a in args]
     out = subprocess.run([COLLECTOR, "fences", *args, "--dir", str(tmp_path / "state"), "--port", "1"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and message in out.stderr, out.stderr

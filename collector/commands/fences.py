@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 from agent.cli_base import CommandError
-from agent.ops.fences_sync import MAX_SET_BYTES, MAX_VERSION_CHARS
 from agent.ops.logging import setup_logging
 from collector.config import CollectorConfigError, load_collector_config
 
@@ -36,19 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _set_to_publish(args: argparse.Namespace) -> bytes:
     if not args.file or not args.set_version or not (args.device or args.all):
         raise CommandError("publish needs --file, --version and --device D (repeatable) or --all")
-    if not 0 < len(args.set_version) <= MAX_VERSION_CHARS:
-        raise CommandError(f"--version must have 1 to {MAX_VERSION_CHARS} characters")
     try:
-        data = Path(args.file).read_bytes()
+        return Path(args.file).read_bytes()
     except OSError as exc:
         raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from exc
-    if not 0 < len(data) <= MAX_SET_BYTES:
-        raise CommandError(f"{args.file}: a set must have 1 to {MAX_SET_BYTES} bytes")
-    return data
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.processors.geofence import GeofenceError
     from collector.fences import FencePublisher
 
     try:
@@ -65,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
             manifest = publisher.assign(data, args.set_version, None if args.all else args.device)
             print(f"{args.file}: version {manifest['version']}, {manifest['size']} bytes, "
                   f"sha256 {manifest['sha256']}", flush=True)
-    except GeofenceError as exc:
-        raise CommandError(f"{args.file}: {exc}") from exc
     except OSError as exc:
         raise CommandError(f"cannot write to {args.dir}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # GeofenceError, or a manifest devices would refuse
+        raise CommandError(f"{args.file}: {exc}") from exc
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -77,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot reach the broker: {exc.strerror or exc}") from exc
     try:
-        stop.wait()
+        while not stop.wait(1.0):  # timed: a signal must wake the main thread (see agent/app.py)
+            pass
     finally:
         publisher.stop()
     return 0
