@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.config import TlsConfig
 from agent.ops.fences_sync import GET_TOPIC, MANIFEST_TOPIC, SET_TOPIC, make_manifest, parse_manifest
 from agent.processors.geofence import GeofenceSet
-from agent.processors.state import StateFile
+from agent.state_file import StateFile
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from agent.config import load_config
 from agent.ota.install import Layout
 from agent.ota.release import sha256_file
 from agent.ota.update import STATE_NAME, Updater, apply_update, archive_path, parse_request
-from agent.processors.state import StateFile
+from agent.state_file import StateFile
 from conftest import wait_until
 from ota_helpers import Supervisor
 from test_publish_tls import Pki

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from agent.clock import Clock
 from agent.ops.remote import Link
-from agent.processors.state import StateFile
+from agent.state_file import StateFile
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import yaml
 
 from agent.clock import Clock
 from agent.config import Config, ConfigError, load_config, parse_config
-from agent.processors.state import StateFile
+from agent.state_file import StateFile
 
 log = logging.getLogger(__name__)
 

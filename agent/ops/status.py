@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from agent import __version__
 from agent.clock import Clock
-from agent.processors.state import StateFile
+from agent.state_file import StateFile
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from agent.ota import download, health
 from agent.ota.install import InstallFailed, Layout, install_version, write_dropin
 from agent.ota.release import ReleaseError, load_public_key
 from agent.ota.verify import UpdateRefused, check_download, check_version, open_release
-from agent.processors.state import StateFile
+from agent.state_file import StateFile
 from agent.record import Event, Record, Status
 
 log = logging.getLogger(__name__)

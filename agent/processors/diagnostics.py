@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from agent.config import DiagnosticsConfig
-from agent.processors.state import StateFile
+from agent.state_file import StateFile
 from agent.record import Event, Fix, Record, Signal, Status
 
 log = logging.getLogger(__name__)

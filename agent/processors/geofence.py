@@ -31,7 +31,7 @@ from shapely.geometry import shape
 
 from agent.config import GeofencesConfig
 from agent.geo import M_PER_DEG, haversine_m
-from agent.processors.state import StateFile
+from agent.state_file import StateFile
 from agent.record import Event, Fix, Record
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from agent.config import IdlingConfig
-from agent.processors.state import PERIODIC_SAVE_S, StateFile
+from agent.state_file import PERIODIC_SAVE_S, StateFile
 from agent.processors.vehicle import ENGINE_SPEED_RPM, WHEEL_SPEED_KMH, FuelMeter, ignition, signal_value
 from agent.record import Event, Fix, Record
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 from agent.config import StopsConfig
 from agent.geo import haversine_m
-from agent.processors.state import StateFile
+from agent.state_file import StateFile
 from agent.record import Event, Fix, Record
 
 log = logging.getLogger(__name__)

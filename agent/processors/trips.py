@@ -15,7 +15,7 @@ from pathlib import Path
 
 from agent.config import TripsConfig
 from agent.geo import haversine_m
-from agent.processors.state import PERIODIC_SAVE_S, StateFile
+from agent.state_file import PERIODIC_SAVE_S, StateFile
 from agent.processors.vehicle import ENGINE_SPEED_RPM, FuelMeter, ignition, signal_value
 from agent.record import Event, Fix, Record
 

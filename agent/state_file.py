@@ -1,4 +1,5 @@
-"""A processor's small state that must survive a restart (inside a fence, in a stop), as a JSON file.
+"""Small state that must survive a restart, as a JSON file: a processor inside a fence or a stop,
+remote settings, the status board.
 
 Written atomically (temp file, fsync, rename, fsync of the directory) and only when the state
 changed, so a power cut leaves either the old or the new state, never half of one.
