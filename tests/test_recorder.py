@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import can
-import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
