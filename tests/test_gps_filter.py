@@ -71,6 +71,17 @@ def test_duplicates_frozen_receiver_and_time_going_backwards():
     assert (fix_filter.counters["duplicate"], fix_filter.counters["frozen"], fix_filter.counters["backwards"]) == (1, 1, 1)
 
 
+def test_a_wrong_date_does_not_stop_the_track_for_good():
+    """After a restart the first epoch may lack its RMC and be dated by the host clock: if that date
+    is wrong, the receiver's own, earlier, dates that follow are believed after jump_reanchor fixes."""
+    fix_filter = FixFilter(GpsFilterConfig(jump_reanchor=3))
+    day = 86_400.0
+    records = [rec(100.0 + 200 * day)] + [rec(100.0 + i, lat=52.0 + i * STEP_DEG) for i in range(1, 7)]
+    kept = run(fix_filter, records)
+    assert [r.utc for r in kept] == [100.0 + 200 * day, 103.0, 104.0, 105.0, 106.0]
+    assert fix_filter.counters["backwards"] == 2
+
+
 def test_a_jump_is_rejected_and_the_track_continues():
     fix_filter = FixFilter(GpsFilterConfig(max_speed_mps=70.0))
     records = [rec(100.0), rec(101.0, lat=52.0 + STEP_DEG), rec(102.0, lat=53.0), rec(103.0, lat=52.0 + 3 * STEP_DEG)]

@@ -19,6 +19,8 @@ from agent.record import Fix, Record
 
 # Mean Earth radius (IUGG), metres: the equirectangular distance below is exact enough for jumps.
 EARTH_RADIUS_M = 6_371_008.8
+# Time going back by more than this is a re-dating, not a receiver's hiccup (see _reason).
+REDATE_S = 60.0
 
 REASONS = (
     "invalid_status", "invalid_quality", "invalid_mode", "invalid_faa", "hdop", "sats",
@@ -44,7 +46,7 @@ class FixFilter:
         self._trusted_wall = trusted_wall
         self.counters: dict[str, int] = {"accepted": 0, **{reason: 0 for reason in REASONS}}
         self._last: Record | None = None
-        self._jumps: list[Record] = []  # consecutive fixes rejected as jumps, for re-anchoring
+        self._jumps: list[Record] = []  # consecutive fixes rejected as jumps or re-datings, for re-anchoring
 
     def process(self, record: Record) -> Iterable[Record]:
         """Pass ``record`` on, or nothing when it is a fix that fails a check."""
@@ -87,14 +89,19 @@ class FixFilter:
         if dt == 0:
             return "duplicate" if (fix.lat, fix.lon) == (prev.lat, prev.lon) else "frozen"
         if dt < 0:
-            return "backwards"
+            # A step back of seconds is a receiver's hiccup: wait until time passes the last fix. A
+            # step back of more than REDATE_S means the last fix's time was the wrong one (an epoch
+            # dated by the host clock before the receiver's own date arrived): re-anchor like a jump.
+            return self._reanchor(record, "backwards") if -dt > REDATE_S else "backwards"
         if distance_m(prev.lat, prev.lon, fix.lat, fix.lon) / dt > cfg.max_speed_mps:
-            return self._jump(record)
+            return self._reanchor(record, "jump")
         return None
 
-    def _jump(self, record: Record) -> str | None:
+    def _reanchor(self, record: Record, reason: str) -> str | None:
+        """``reason`` for a fix that breaks with the last accepted one, until ``jump_reanchor`` such
+        fixes in a row agree with each other: then the track is believed to continue from them."""
         # A real relocation (a truck ferried or towed while the receiver was off) looks like a jump
-        # that the following fixes agree with: after `jump_reanchor` agreeing jumps, believe them.
+        # that the following fixes agree with; a wrong earlier date like time going backwards.
         fix: Fix = record.data  # type: ignore[assignment]
         if self._jumps:
             ref = self._jumps[-1]
@@ -106,4 +113,4 @@ class FixFilter:
         self._jumps.append(record)
         if len(self._jumps) >= self.config.jump_reanchor:
             return None
-        return "jump"
+        return reason
