@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         thread = threading.Thread(target=lambda: (replay.run(), done.set()), daemon=True)
         thread.start()
         last, last_change = -1, time.monotonic()
+        interactive = sys.stdout.isatty()
         while True:
             time.sleep(0.5)
             if agent.poll() is not None:
@@ -141,12 +142,13 @@ def run(args: argparse.Namespace) -> int:
             count = _stored(db)
             if count != last:
                 last, last_change = count, time.monotonic()
-                print(f"\rdemo: {count} records stored", end="", flush=True)
+                if interactive:  # a counter in place on a terminal; one line at the end otherwise
+                    print(f"\rdemo: {count} records stored", end="", flush=True)
             if done.is_set() and count > 0 and time.monotonic() - last_change > 3.0:
                 break
             if time.monotonic() - started > args.timeout:
                 raise CommandError(f"timed out after {args.timeout:g} s with {count} records stored")
-        print()
+        print("" if interactive else f"demo: {last} records stored")
         procs.stop(agent)
         summary = subprocess.run(
             [_tool("telematics-collector"), "summary", "--db", str(db)], capture_output=True, text=True

@@ -822,7 +822,14 @@ def _same_as_process(out: Outcome, has_can: bool) -> Check:
     (GPS health aside) without CAN, whose frames the live agent stamps on arrival; the value sequence of
     each change-policy signal, which no timing can change."""
     def fixes(records: list[dict]) -> list[tuple]:
-        return [(iso_utc(r["utc"]), round(r["lat"], 7), round(r["lon"], 7)) for r in records if r["kind"] == "fix"]
+        # Positions in units of the wire's stated resolution, 1e-7 degree (docs/wire-format.md).
+        return [(iso_utc(r["utc"]), round(r["lat"] * 1e7), round(r["lon"] * 1e7)) for r in records if r["kind"] == "fix"]
+
+    def unmatched(these: list[tuple], those: list[tuple]) -> list[tuple]:
+        # Lossless at 1e-7 degree means within half a unit; each side rounded once more: within one.
+        by_time = {f[0]: f for f in those}
+        return sorted(f for f in these if not (f[0] in by_time and abs(f[1] - by_time[f[0]][1]) <= 1
+                                               and abs(f[2] - by_time[f[0]][2]) <= 1))
 
     def events(records: list[dict]) -> list[tuple]:
         return sorted((r["type"], iso_utc(r["utc"]), r.get("geofence_id")) for r in records
@@ -837,7 +844,7 @@ def _same_as_process(out: Outcome, has_can: bool) -> Check:
 
     details: list[str] = []
     live, offline = fixes(out.records), fixes(out.offline)
-    only_offline, only_live = sorted(set(offline) - set(live)), sorted(set(live) - set(offline))
+    only_offline, only_live = unmatched(offline, live), unmatched(live, offline)
     compared = [f"{len(offline)} fixes"]
     # Two differences at the ends are by design: epochs before the capture's first date are dated by
     # the live agent's clock (process has none and drops them), and process ends by flushing the
@@ -847,9 +854,9 @@ def _same_as_process(out: Outcome, has_can: bool) -> Check:
     if early or final:
         compared.append(f"{len(early)} fixes before the capture's first date and {len(final)} final reporter flush "
                         "allowed")
-    details += [f"fix {t} {lat},{lon}: process has it, the live agent did not store it"
+    details += [f"fix {t} {lat / 1e7:.7f},{lon / 1e7:.7f}: process has it, the live agent did not store it"
                 for t, lat, lon in only_offline if (t, lat, lon) not in final][:20]
-    details += [f"fix {t} {lat},{lon}: stored, process does not have it"
+    details += [f"fix {t} {lat / 1e7:.7f},{lon / 1e7:.7f}: stored, process does not have it"
                 for t, lat, lon in only_live if (t, lat, lon) not in early][:20]
     if not has_can:
         live_e, offline_e = events(out.records), events(out.offline)
