@@ -650,21 +650,6 @@ class Runner:
             line["utc"] = parse_iso_utc(line["time"])
         return out
 
-    def _see_clock(self, offset_s: float, seen: list[tuple[float, float | None]]) -> None:
-        """Wait until the agent's status file (written by its wall clock every second) shows ``offset_s``."""
-        status = self.workdir / "agent-data" / "status.json"
-        deadline = time.monotonic() + CLOCK_SEEN_S
-        observed = None
-        while time.monotonic() < deadline:
-            try:
-                observed = json.loads(status.read_text())["updated_utc"] - time.time()
-            except (OSError, ValueError, KeyError):
-                pass
-            if observed is not None and abs(observed - offset_s) < CLOCK_SEEN_S:
-                break
-            time.sleep(0.2)
-        seen.append((offset_s, None if observed is None else round(observed)))
-
     def _actions(self) -> list[tuple[float, str, str, tuple]]:
         """The faults as (drive second, description, Rig method, its arguments) in time order; a lasting
         fault is two actions, its start and its end."""
