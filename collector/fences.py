@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import ssl
 import threading
 import uuid
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Sequence
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from collector.broker_auth import apply_credentials
 from agent.config import TlsConfig
 from agent.ops.fences_sync import GET_TOPIC, MANIFEST_TOPIC, SET_TOPIC, make_manifest, parse_manifest
 from agent.processors.geofence import GeofenceSet
@@ -103,11 +103,7 @@ class FencePublisher:
         client.on_disconnect = lambda *_: self.connected.clear()
         client.on_message = self._on_message
         client.reconnect_delay_set(1, 30)
-        if self._username is not None:
-            client.username_pw_set(self._username, self._password)
-        if self._tls is not None:
-            client.tls_set(ca_certs=self._tls.ca_file, certfile=self._tls.cert_file, keyfile=self._tls.key_file,
-                           cert_reqs=ssl.CERT_REQUIRED)
+        apply_credentials(client, self._tls, self._username, self._password)
         client.connect(self.host, self.port, keepalive=30)
         client.loop_start()
         self._client = client

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from collector.broker_auth import apply_credentials
 from agent.config import TlsConfig
 from agent.ota.download import encode_chunk
 from agent.ota.update import VERSION_RE
@@ -67,9 +67,7 @@ class ChunkServer:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"telematics-updates-{uuid.uuid4().hex[:8]}")
         client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{self.prefix}/+/update/request", qos=1)
         client.on_message = self._on_message
-        if self._tls is not None:
-            client.tls_set(ca_certs=self._tls.ca_file, certfile=self._tls.cert_file, keyfile=self._tls.key_file,
-                           cert_reqs=ssl.CERT_REQUIRED)
+        apply_credentials(client, self._tls)
         client.connect(self.host, self.port, keepalive=30)
         client.loop_start()
         self._client = client

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import ssl
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from collector.broker_auth import apply_credentials
 from agent.config import TlsConfig
 from agent.wire import WireError, decode_batch
 from collector.store import DeadLetter, Incoming, SqliteStore, Store
@@ -111,11 +111,7 @@ class Collector:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.reconnect_delay_set(1, 30)
-        if self._auth[0] is not None:
-            client.username_pw_set(*self._auth)
-        if self._tls is not None:
-            client.tls_set(ca_certs=self._tls.ca_file, certfile=self._tls.cert_file, keyfile=self._tls.key_file,
-                           cert_reqs=ssl.CERT_REQUIRED)
+        apply_credentials(client, self._tls, *self._auth)
         props = Properties(PacketTypes.CONNECT)
         # A persistent session: the broker keeps our subscription and queues telemetry while we are down.
         props.SessionExpiryInterval = self._session_expiry_s

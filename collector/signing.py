@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import logging
 import os
-import ssl
 import subprocess
 import threading
 import uuid
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
+from collector.broker_auth import apply_credentials
 from agent.config import TlsConfig
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,7 @@ class SigningService:
         client.on_connect = self._on_connect
         client.on_disconnect = lambda *a: self._connected.clear()
         client.on_message = self._on_message
-        if self._tls is not None:
-            client.tls_set(ca_certs=self._tls.ca_file, certfile=self._tls.cert_file, keyfile=self._tls.key_file,
-                           cert_reqs=ssl.CERT_REQUIRED)
+        apply_credentials(client, self._tls)
         client.connect_async(self.host, self.port, keepalive=30)
         client.loop_start()
         self._client = client
