@@ -395,3 +395,33 @@ def test_the_whole_agent_takes_its_set_from_the_manifest_once(tmp_path, mosquitt
     finally:
         agent.stop()
         publisher.stop()
+
+
+class RecordingLink:
+    """Stands in for MqttLink in one unit test: counts gets; ``up`` says whether a publish goes out."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.gets = 0
+
+    def publish_message(self, topic_suffix: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        self.gets += self.up and topic_suffix == "geofences/get"
+        return self.up
+
+
+def test_a_manifest_delivered_twice_is_asked_for_once_and_again_after_a_lost_get(tmp_path):
+    """A retained manifest arrives once per SUBSCRIBE and again after each reconnect: one get each time
+    it is needed, none for a duplicate while the first get is still unanswered."""
+    link = RecordingLink()
+    sync = FenceSync(link, tmp_path, SystemClock(), active=lambda: None, submit=lambda *a: None)
+    manifest = json.dumps(make_manifest(fence_set("depot"), "v1")).encode()
+    sync.on_manifest(manifest)
+    sync.on_manifest(manifest)
+    assert link.gets == 1 and sync.counts["manifests"] == 2
+    link.up = False
+    sync._asked_at -= sync.retry_s  # the get went unanswered for retry_s, and the link is down now
+    sync.on_manifest(manifest)
+    assert link.gets == 1
+    link.up = True  # reconnected: the retained manifest comes again and is asked for at once
+    sync.on_manifest(manifest)
+    assert link.gets == 2

@@ -141,12 +141,17 @@ class FenceSync:
             return
         key = _key(manifest)
         with self._lock:
+            now = self.clock.monotonic()
             fetch = key not in (_key(self._active()), _key(self.fetched), _key(self._applying))
+            # The same manifest twice (a retained message delivered once per SUBSCRIBE, or again after
+            # a reconnect) is asked for once; an unanswered get is sent again by run() after retry_s.
+            asking = fetch and (_key(self._wanted) != key or now - self._asked_at >= self.retry_s)
             if fetch and _key(self._wanted) != key:
                 self._mismatches = 0
             self._wanted = manifest if fetch else None
-            self._asked_at = self.clock.monotonic()
-        if fetch:
+            if asking:
+                self._asked_at = now
+        if asking:
             log.info("geofence manifest %s (%d bytes) differs from the set in force: fetching it",
                      manifest["version"], manifest["size"])
             self._ask(manifest)
@@ -156,6 +161,9 @@ class FenceSync:
         payload = json.dumps({"version": manifest["version"], "sha256": manifest["sha256"]}).encode()
         if self.link.publish_message(GET_TOPIC, payload, qos=1):
             self.counts["gets"] += 1
+        else:  # the link is down: ask as soon as the manifest comes again, or at run()'s next turn
+            with self._lock:
+                self._asked_at = float("-inf")
 
     def on_set(self, data: bytes) -> None:
         """The set asked for: checked against its manifest, then handed to remote management."""

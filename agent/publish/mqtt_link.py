@@ -204,8 +204,8 @@ class MqttLink:
     def subscribe(self, topic_suffix: str, callback: Callable[[bytes], None]) -> None:
         """Call ``callback(payload)`` (in the link's thread) for messages on ``{prefix}/{device}/{topic_suffix}``."""
         topic = self.topic(topic_suffix)
-        self._subs[topic] = callback
-        with self._client_lock:
+        with self._client_lock:  # _serve() snapshots the topics under this lock: one SUBSCRIBE each
+            self._subs[topic] = callback
             if self._client is not None and self._connected.is_set():
                 self._client.subscribe(topic, qos=1)
 
@@ -337,12 +337,13 @@ class MqttLink:
     def _serve(self, client: mqtt.Client, stop: threading.Event) -> None:
         with self._client_lock:
             self._client = client
+            topics = list(self._subs)  # later ones subscribe() sends itself
         self._window.clear()
         self._session_error = None
         self._buffer.requeue_all()
         self._stats.update(connected=True, protocol="5" if self._use_v5 else "3.1.1", connects=self._stats["connects"] + 1)
         client.subscribe(self.topic("ack"), qos=1)
-        for topic in list(self._subs):  # other threads may subscribe meanwhile
+        for topic in topics:
             client.subscribe(topic, qos=1)
         client.publish(self.topic("status"), self._status_payload("online"), qos=1, retain=True)
         self._state(
