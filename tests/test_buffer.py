@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.buffer.store import DB_NAME, RESERVE_NAME, BufferError, DurableBuffer
+from agent.buffer.store import DB_NAME, PAGE_SIZE, RESERVE_NAME, BufferError, DurableBuffer
 from agent.config import BufferConfig
 from agent.record import Event, Fix, Record, Signal, Status
 
@@ -142,6 +142,30 @@ def test_sequence_numbers_continue_across_reopen_even_when_all_was_acked(data_di
     buf.append(more)
     assert more[0].seq == 51
     buf.close()
+
+
+def test_a_new_store_has_small_pages_and_one_made_with_4_kib_pages_still_opens(data_dir, tmp_path):
+    """New stores use PAGE_SIZE (fewer bytes written per commit); a store an earlier release made with
+    SQLite's default 4 KiB pages keeps them and keeps its records."""
+    import sqlite3
+
+    buf = open_buffer(data_dir)
+    buf.append([fix(i) for i in range(3)])
+    buf.close()
+    assert sqlite3.connect(data_dir / DB_NAME).execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+    old = tmp_path / "old"
+    old.mkdir()
+    conn = sqlite3.connect(old / DB_NAME)
+    conn.execute("PRAGMA page_size=4096")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE records(seq INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+    conn.close()
+    buf = open_buffer(old)
+    buf.append([fix(i) for i in range(3)])
+    buf.flush()
+    assert [r.seq for r in drain(buf)] == [1, 2, 3]
+    buf.close()
+    assert sqlite3.connect(old / DB_NAME).execute("PRAGMA page_size").fetchone()[0] == 4096
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "emptied"])

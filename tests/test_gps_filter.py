@@ -6,7 +6,8 @@ import pytest
 
 from agent.config import GpsFilterConfig
 from agent.decode.nmea import decode_file
-from agent.processors.fix_filter import FixFilter, distance_m
+from agent.geo import haversine_m
+from agent.processors.fix_filter import FixFilter
 from agent.record import Event, Fix, Record
 
 GOOD = dict(quality=1, mode=3, status="A", faa_mode="A", hdop=0.9, sats_used=9)
@@ -24,8 +25,8 @@ def run(fix_filter: FixFilter, records: list[Record]) -> list[Record]:
 
 def test_distance_matches_a_known_baseline():
     # One degree of latitude is 111.195 km on the mean sphere; across the antimeridian the short way.
-    assert distance_m(0, 0, 1, 0) == pytest.approx(111_195, rel=1e-4)
-    assert distance_m(0, 179.9, 0, -179.9) == pytest.approx(2 * 11_119.5, rel=1e-3)
+    assert haversine_m(0, 0, 1, 0) == pytest.approx(111_195, rel=1e-4)
+    assert haversine_m(0, 179.9, 0, -179.9) == pytest.approx(2 * 11_119.5, rel=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -119,5 +120,5 @@ def test_a_real_drive_keeps_almost_everything_and_loses_no_real_motion(corpus):
     # What is left is a plausible track: no step faster than the limit, time strictly increasing.
     for a, b in zip(kept, kept[1:]):
         assert b.utc > a.utc
-        assert distance_m(a.data.lat, a.data.lon, b.data.lat, b.data.lon) / (b.utc - a.utc) <= 70.0
+        assert haversine_m(a.data.lat, a.data.lon, b.data.lat, b.data.lon) / (b.utc - a.utc) <= 70.0
     assert fix_filter.counters["backwards"] >= 1  # the capture's timestamp steps back once

@@ -10,15 +10,13 @@ future nor far in the past. Every rejection is counted by reason in :attr:`FixFi
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 from agent.config import GpsFilterConfig
 from agent.decode.nmea import invalid_reason
+from agent.geo import haversine_m
 from agent.record import Fix, Record
 
-# Mean Earth radius (IUGG), metres: the equirectangular distance below is exact enough for jumps.
-EARTH_RADIUS_M = 6_371_008.8
 # Time going back by more than this is a re-dating, not a receiver's hiccup (see _reason).
 REDATE_S = 60.0
 
@@ -26,15 +24,6 @@ REASONS = (
     "invalid_status", "invalid_quality", "invalid_mode", "invalid_faa", "hdop", "sats",
     "future", "past", "duplicate", "frozen", "backwards", "jump",
 )
-
-
-def distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Approximate ground distance in metres (equirectangular; within 0.1% below 100 km)."""
-    phi = math.radians((lat1 + lat2) / 2.0)
-    dlon = (lon2 - lon1 + 180.0) % 360.0 - 180.0  # across the antimeridian the short way
-    x = math.radians(dlon) * math.cos(phi)
-    y = math.radians(lat2 - lat1)
-    return EARTH_RADIUS_M * math.hypot(x, y)
 
 
 class FixFilter:
@@ -93,7 +82,7 @@ class FixFilter:
             # step back of more than REDATE_S means the last fix's time was the wrong one (an epoch
             # dated by the host clock before the receiver's own date arrived): re-anchor like a jump.
             return self._reanchor(record, "backwards") if -dt > REDATE_S else "backwards"
-        if distance_m(prev.lat, prev.lon, fix.lat, fix.lon) / dt > cfg.max_speed_mps:
+        if haversine_m(prev.lat, prev.lon, fix.lat, fix.lon) / dt > cfg.max_speed_mps:
             return self._reanchor(record, "jump")
         return None
 
@@ -107,7 +96,7 @@ class FixFilter:
             ref = self._jumps[-1]
             ref_fix: Fix = ref.data  # type: ignore[assignment]
             dt = record.utc - ref.utc
-            agrees = dt > 0 and distance_m(ref_fix.lat, ref_fix.lon, fix.lat, fix.lon) / dt <= self.config.max_speed_mps
+            agrees = dt > 0 and haversine_m(ref_fix.lat, ref_fix.lon, fix.lat, fix.lon) / dt <= self.config.max_speed_mps
             if not agrees:
                 self._jumps.clear()
         self._jumps.append(record)
