@@ -361,6 +361,42 @@ class ObdPollConfig(_Section):
     dtc_period_s: PositiveFloat = 60.0  # stored codes (service 03) this often
 
 
+class J1939RequestConfig(_Section):
+    """One on-request parameter group the agent asks for (J1939 Request, PGN 59904)."""
+
+    pgn: Annotated[int, msgspec.Meta(ge=0, le=0x3FFFF)]
+    refresh_s: NonNegFloat = 0.0  # ask again this long after an answer; 0: once is enough
+
+
+class J1939Config(_Section):
+    """J1939 requests on j1939 buses; sent only when can.allow_transmit (docs/can.md)."""
+
+    # The agent's own address (no address claiming): 251 (0xFB) is J1939's on-board data logger.
+    source_address: Annotated[int, msgspec.Meta(ge=0, le=255)] = 0xFB
+    destination: Annotated[int, msgspec.Meta(ge=0, le=255)] = 0xFF  # 255: global, every ECU
+    # J1939-71: the VIN once; engine hours and total distance each minute, when not broadcast anyway.
+    requests: list[J1939RequestConfig] = msgspec.field(default_factory=lambda: [
+        J1939RequestConfig(pgn=65260), J1939RequestConfig(pgn=65253, refresh_s=60.0),
+        J1939RequestConfig(pgn=65248, refresh_s=60.0)])
+    # Unanswered: asked again after retry_s, doubling up to retry_max_s (J1939-21 T3 is 1.25 s).
+    retry_s: Annotated[float, msgspec.Meta(ge=1.25)] = 5.0
+    retry_max_s: PositiveFloat = 300.0
+
+    def __post_init__(self) -> None:
+        if self.source_address >= 0xFE:
+            raise ValueError(
+                f"source_address {self.source_address} is the {'null' if self.source_address == 0xFE else 'global'} "
+                "address, which may not send requests (J1939-81): set the address this vehicle leaves free for the agent")
+        if self.destination == self.source_address:
+            raise ValueError(f"destination {self.destination} is the agent's own source_address")
+        if self.retry_max_s < self.retry_s:
+            raise ValueError(f"retry_max_s {self.retry_max_s} is below retry_s {self.retry_s}")
+        pgns = [r.pgn for r in self.requests]
+        twice = sorted({p for p in pgns if pgns.count(p) > 1})
+        if twice:
+            raise ValueError(f"requests: PGN {', '.join(map(str, twice))} listed more than once")
+
+
 def _default_can_signals() -> list[CanSignalConfig]:
     latest_1s = ("EngineSpeed", "WheelBasedVehicleSpeed", "AccelPedalPos1", "EngineRPM", "VehicleSpeed")
     every_min = ("EngineTotalHoursOfOperation", "EngineTotalFuelUsed", "TotalVehicleDistanceHighRes",
@@ -386,6 +422,7 @@ class CanConfig(_Section):
     dbc: list[str] = []  # extra DBC files, on top of the project's own J1939 DBC
     signals: list[CanSignalConfig] = msgspec.field(default_factory=_default_can_signals)
     obd: ObdPollConfig = msgspec.field(default_factory=ObdPollConfig)
+    j1939: J1939Config = msgspec.field(default_factory=J1939Config)
 
     def __post_init__(self) -> None:
         # Detecting the bit rate means trying wrong ones on the vehicle's bus: only harmless when

@@ -4,7 +4,9 @@ Frames are decoded where they are received (no hand-off per frame between thread
 sampled records go to the pipeline. Listen-only is the default and is enforced where the
 controller is opened: slcan adapters get ``L``, socketcan relies on systemd-networkd's
 ``ListenOnly=yes`` (firmware_config/80-can0.network), and an interface that cannot be opened
-listen-only is refused unless the vehicle's config sets ``can.allow_transmit``.
+listen-only is refused unless the vehicle's config sets ``can.allow_transmit``. Only then does
+the source transmit: the OBD-II poller's requests on obd2 buses, J1939 Requests (PGN 59904) for
+``can.j1939.requests`` on j1939 buses; the answers are decoded by the same passive paths as any frame.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from agent.clock import Clock
 from agent.config import CanBusConfig, CanConfig
 from agent.decode import obd
 from agent.decode.can_decoder import obd_items
-from agent.decode.j1939 import J1939Database
+from agent.decode.j1939 import J1939Database, pgn_of
+from agent.decode.j1939_request import PGN_ACK, J1939Requester
 from agent.pipeline import Emit
 from agent.record import Record
 from agent.sources.can_sampling import CanSampler
@@ -73,7 +76,11 @@ class CanSource:
             log.warning("%s: obd2 without can.allow_transmit: only listening to another tester's answers", self.name)
         self.sampler = CanSampler(self.db, config.signals, self.bus_config.name, mono=self._mono,
                                   obd_answers=not self.polling)
+        # J1939 requests (agent/decode/j1939_request.py) on a j1939 bus the vehicle lets us transmit on.
+        self.requesting = (self.bus_config.protocol == "j1939" and config.allow_transmit
+                           and bool(config.j1939.requests))
         self.poller: obd.ObdPoller | None = None
+        self.requester: J1939Requester | None = None
         self._counts = {"frames": 0, "error_frames": 0, "bus_off": 0, "records": 0, "opens": 0, "failures": 0,
                         "sent": 0}
         self.state = "closed"  # closed, up, bus_off, down
@@ -96,6 +103,9 @@ class CanSource:
         if self.poller is not None:
             out["obd_polled_pids"] = sorted(self.poller.schedule)
             out["obd_dropped_pids"] = sorted(self.poller.dropped_pids)
+        if self.requester is not None:
+            out["j1939_answered_pgns"] = sorted(self.requester.answered)
+            out["j1939_refused_pgns"] = sorted(self.requester.refused)
         return out
 
     # -- opening -------------------------------------------------------------------------------------
@@ -154,6 +164,12 @@ class CanSource:
                     extended=self.config.obd.extended_ids, timeout_s=self.config.obd.timeout_s,
                     max_misses=self.config.obd.max_misses, default_period_s=self.config.obd.period_s,
                     read_dtcs_every_s=self.config.obd.dtc_period_s)
+            if self.requesting:
+                j1939 = self.config.j1939
+                self.requester = J1939Requester(
+                    {r.pgn: r.refresh_s for r in j1939.requests}, sa=j1939.source_address, da=j1939.destination,
+                    retry_s=j1939.retry_s, retry_max_s=j1939.retry_max_s)
+                self.sampler.on_message = self._heard
             try:
                 self._pump(bus, emit, stop, first)
             except (can.CanError, OSError, ValueError) as exc:
@@ -185,6 +201,13 @@ class CanSource:
         feed = self.sampler.feed
         counts = self._counts
         on_frame = self.on_frame
+        # What the request scheduler has to see of the bus: its PGNs' single frames and acknowledgements.
+        watched = self.requester.watched if self.requester is not None else frozenset()
+        schedulers: list[tuple[obd.ObdPoller | J1939Requester, bool]] = []
+        if self.poller is not None:
+            schedulers.append((self.poller, self.config.obd.extended_ids))
+        if self.requester is not None:
+            schedulers.append((self.requester, True))  # J1939 ids are 29-bit
         next_tick = 0.0
         timeout = 0.01 if self.polling else 0.2
         while not stop.is_set():
@@ -204,6 +227,8 @@ class CanSource:
                         out += self._obd_answer(bus, msg)
                     else:
                         out += feed(msg.timestamp, msg.arbitration_id, msg.is_extended_id, bytes(msg.data))
+                        if watched and msg.is_extended_id and pgn_of(msg.arbitration_id) in watched:
+                            self._j1939_answer(msg)
                 if n >= BATCH:
                     break
                 msg = bus.recv(timeout=0)
@@ -212,8 +237,8 @@ class CanSource:
             if now >= next_tick:
                 out += self.sampler.tick(now)
                 next_tick = now + 1.0
-            if self.poller is not None:
-                self._poll(bus)
+            for scheduler, extended in schedulers:
+                self._poll(bus, scheduler, extended)
             self._emit(emit, out)
 
     def _error_frame(self, msg: can.Message) -> None:
@@ -232,11 +257,25 @@ class CanSource:
         return self.sampler.offer(obd_items(msg.timestamp, self.bus_config.name, msg.arbitration_id,
                                             msg.is_extended_id, values))
 
-    def _poll(self, bus: can.BusABC) -> None:
-        request = self.poller.next_request(self.clock.monotonic())
+    def _j1939_answer(self, msg: can.Message) -> None:
+        can_id = msg.arbitration_id
+        pgn = pgn_of(can_id)
+        if pgn == PGN_ACK:
+            self.requester.acknowledgement(can_id & 0xFF, (can_id >> 8) & 0xFF, bytes(msg.data))
+        else:
+            self.requester.heard(pgn, can_id & 0xFF, self.clock.monotonic())
+
+    def _heard(self, pgn: int, sa: int) -> None:
+        """A J1939 message the transport protocol completed (the sampler's hook)."""
+        if self.requester is not None:
+            self.requester.heard(pgn, sa, self.clock.monotonic())
+
+    def _poll(self, bus: can.BusABC, scheduler: obd.ObdPoller | J1939Requester, extended: bool) -> None:
+        """Send what the OBD-II poller or the J1939 requester wants sent now, if anything."""
+        request = scheduler.next_request(self.clock.monotonic())
         if request is not None:
             can_id, data = request
-            self._send(bus, can_id, self.config.obd.extended_ids, data)
+            self._send(bus, can_id, extended, data)
 
     def _send(self, bus: can.BusABC, can_id: int, extended: bool, data: bytes) -> None:
         bus.send(can.Message(arbitration_id=can_id, is_extended_id=extended, data=data), timeout=0.1)

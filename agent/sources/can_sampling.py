@@ -175,6 +175,9 @@ class CanSampler:
         self.records = 0
         self._policies: list[Policy] = []
         self._obd_answers = obd_answers
+        # Called with (pgn, sa) of every J1939 message the general decoder completes (TP messages,
+        # DM1): how the J1939 requester learns that a multi-packet answer arrived.
+        self.on_message: Callable[[int, int], None] | None = None
 
     # -- plans ---------------------------------------------------------------------------------------
 
@@ -227,7 +230,10 @@ class CanSampler:
         if plan is None:
             return []
         if plan == "special":
-            return self._decoded(self.decoder.feed(t, self.bus, can_id, extended, data))
+            items = self.decoder.feed(t, self.bus, can_id, extended, data)
+            if items and self.on_message is not None and items[0].pgn is not None:
+                self.on_message(items[0].pgn, items[0].sa)
+            return self._decoded(items)
         layout, entries = plan
         out: list[Record] = []
         payload = None
