@@ -1,11 +1,14 @@
 """CAN benchmarks (not timed tests): results go to BENCHMARKS.md.
 
     .venv/bin/python bench/bench_can.py throughput   # frames/s through the whole CAN path on one core
+    .venv/bin/python bench/bench_can.py throughput --requests   # the same, sending J1939 requests
     .venv/bin/python bench/bench_can.py slcan        # CPU of one core at 1,850 frames/s over an slcan pty
 
 ``throughput`` loops the real J1939 truck capture held in memory through CanSource.run: python-can
 ``recv`` from an in-memory bus, the PGN split and per-id plan, the default sampling policies,
-decoding, and records handed to ``emit``. ``slcan`` runs an slcan adapter emulated on a pty in a
+decoding, and records handed to ``emit``; with ``--requests`` the bus allows transmitting and
+the default J1939 requests (can.j1939) are sent and watched for (the capture answers none of them,
+so they are retried throughout). ``slcan`` runs an slcan adapter emulated on a pty in a
 second process (sim/slcan_adapter.py) that delivers the capture at a truck's typical 1,850
 frames/s in 1 ms USB-like slices, and measures the CPU time of the agent's process receiving it
 through CanSource, with the project's ``slcan_buffered`` and, for comparison, python-can's ``slcan``.
@@ -66,28 +69,32 @@ class MemoryBus(can.BusABC):
         return msg, True
 
     def send(self, msg, timeout=None):
-        raise can.CanOperationError("listen-only")
+        if not MEMORY.get("transmit"):
+            raise can.CanOperationError("listen-only")
+        MEMORY["sent"] += 1
 
 
 MEMORY: dict = {}
 
 
-def throughput(runs: int, count: int) -> None:
+def throughput(runs: int, count: int, requests: bool = False) -> None:
     can.interfaces.BACKENDS["memory"] = (__name__, "MemoryBus")
     can.util.VALID_INTERFACES = can.util.VALID_INTERFACES | {"memory"}
     can_bus.LISTEN_ONLY_ARGS["memory"] = {}
     rates = []
     for _ in range(runs):
         stop = threading.Event()
-        MEMORY.update(messages=load_messages(), count=count, stop=stop)
-        source = CanSource(CanConfig(buses=[CanBusConfig(interface="memory", channel="m")]), SystemClock())
+        MEMORY.update(messages=load_messages(), count=count, stop=stop, transmit=requests, sent=0)
+        source = CanSource(CanConfig(allow_transmit=requests, buses=[CanBusConfig(interface="memory", channel="m")]),
+                           SystemClock())
         records: list = []
         start = time.process_time()
         source.run(records.append, stop)
         elapsed = time.process_time() - start
         assert source.stats()["frames"] == count
         rates.append(count / elapsed)
-        print(f"  {count} frames in {elapsed:.3f} s CPU: {count / elapsed:,.0f} frames/s, {len(records)} records")
+        print(f"  {count} frames in {elapsed:.3f} s CPU: {count / elapsed:,.0f} frames/s, {len(records)} records, "
+              f"{MEMORY['sent']} requests sent")
     print(f"throughput median of {runs}: {statistics.median(rates):,.0f} frames/s on one core")
 
 
@@ -151,6 +158,7 @@ def main() -> None:
     t = sub.add_parser("throughput")
     t.add_argument("--runs", type=int, default=5)
     t.add_argument("--frames", type=int, default=500_000)
+    t.add_argument("--requests", action="store_true", help="allow transmitting: J1939 requests on")
     s = sub.add_parser("slcan")
     s.add_argument("--runs", type=int, default=3)
     s.add_argument("--rate", type=float, default=1850.0)
@@ -162,7 +170,7 @@ def main() -> None:
     a.add_argument("seconds", type=float)
     args = parser.parse_args()
     if args.what == "throughput":
-        throughput(args.runs, args.frames)
+        throughput(args.runs, args.frames, args.requests)
     elif args.what == "adapter":
         adapter(args.link, args.rate, args.seconds)
     else:
