@@ -10,7 +10,6 @@ commits, and the link closes last.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import threading
 import time
@@ -198,13 +197,19 @@ class Agent:
 
     def _remote_fences(self) -> tuple[Any, str | None]:
         """A fence set received over MQTT earlier (and its version) overrides the configured file."""
-        from agent.ops.remote import RemoteStore
+        from agent.ops.remote import RemoteError, RemoteStore
         from agent.processors.geofence import GeofenceSet
 
-        fences = RemoteStore(self.data_dir).fences
+        store = RemoteStore(self.data_dir)
+        fences = store.fences
         if fences is None:
             return None, None
-        return GeofenceSet.from_geojson(json.dumps(fences["geojson"])), fences.get("version")
+        try:
+            data = store.geojson(fences)
+        except RemoteError as exc:
+            log.error("%s; using the configured fences until a set arrives again", exc)
+            return None, None
+        return GeofenceSet.from_geojson(data), fences.get("version")
 
     def _provide_status(self, config_version: str) -> None:
         board = self.board

@@ -98,8 +98,9 @@ class Device:
         self.buffer.open()
         self.buffer.start()
         self.link = MqttLink(config.mqtt, DEVICE, self.buffer, clock)
-        saved = RemoteStore(data_dir).fences
-        initial = GeofenceSet.from_geojson(json.dumps(saved["geojson"])) if saved else None
+        store = RemoteStore(data_dir)
+        saved = store.fences
+        initial = GeofenceSet.from_geojson(store.geojson(saved)) if saved else None
         self.fences = GeofenceProcessor(config.edge.geofences, data_dir, initial, (saved or {}).get("version"))
         self.remote = RemoteManager(
             config_path, config, self.link, clock, apply=lambda c: True, link_up=lambda: self.link.stats()["connected"],

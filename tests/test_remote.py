@@ -22,6 +22,7 @@ from agent.config import load_config
 from agent.ops.remote import (
     COMMANDS,
     MAX_PENDING_STARTS,
+    RemoteError,
     RemoteManager,
     RemoteStore,
     config_version,
@@ -425,3 +426,62 @@ def test_a_link_cutting_change_applied_by_restarts_is_rolled_back_and_answered(t
         ops.close()
         for link in links:
             link.close()
+
+
+def fence_collection(n: int) -> dict:
+    """``n`` small square depots as a GeoJSON FeatureCollection."""
+    return {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": f"d{i}", "properties": {"type": "depot"},
+         "geometry": {"type": "Polygon", "coordinates": [[[4 + i / 100, 52], [4.001 + i / 100, 52], [4.001 + i / 100, 52.001],
+                                                          [4 + i / 100, 52.001], [4 + i / 100, 52]]]}}
+        for i in range(n)]}
+
+
+def test_a_fence_set_is_written_once_to_its_own_file_and_state_changes_stay_small(data_dir):
+    """remote.json refers to the set; pending, confirmed and answered rewrite only remote.json, and the
+    set a change replaced is deleted once nothing can roll back to it."""
+    store = RemoteStore(data_dir)
+    store.save({"status": "confirmed", "settings": {}, "fences": {"geojson": fence_collection(500), "version": "v1"}})
+    sets = data_dir / "fences"
+    (first,) = sets.iterdir()
+    assert json.loads(store.geojson(store.fences)) == fence_collection(500)
+    store.stage("f2", {}, {"geojson": fence_collection(400), "version": "v2"})
+    assert len(list(sets.iterdir())) == 2  # the new set, and the one a roll-back would restore
+    second = next(p for p in sets.iterdir() if p != first)
+    written = second.stat().st_mtime_ns, second.stat().st_ino
+    store.confirm({"id": "f2", "ok": True})
+    store.answered()
+    assert list(sets.iterdir()) == [second] and (second.stat().st_mtime_ns, second.stat().st_ino) == written
+    remote_json = (data_dir / "remote.json").read_bytes()
+    assert len(remote_json) < 1000 and b"Polygon" not in remote_json
+    assert RemoteStore(data_dir).fences == {"version": "v2", "file": second.stem}
+
+
+def test_a_rolled_back_set_comes_back_from_its_file(data_dir):
+    store = RemoteStore(data_dir)
+    store.save({"status": "confirmed", "settings": {}, "fences": {"geojson": fence_collection(3), "version": "v1"}})
+    store.stage("f2", {}, {"geojson": fence_collection(5), "version": "v2"})
+    store.roll_back("no broker")
+    assert store.fences["version"] == "v1"
+    assert json.loads(RemoteStore(data_dir).geojson(store.fences)) == fence_collection(3)
+    assert len(list((data_dir / "fences").iterdir())) == 1
+
+
+def test_a_remote_json_holding_its_set_still_loads_and_the_set_moves_to_a_file(data_dir):
+    """remote.json as releases before set files wrote it: the GeoJSON inside."""
+    (data_dir / "remote.json").write_text(json.dumps(
+        {"status": "confirmed", "settings": {}, "fences": {"geojson": fence_collection(2), "version": "old"}}))
+    store = RemoteStore(data_dir)
+    assert GeofenceSet.from_geojson(store.geojson(store.fences)).fences[0].id == "d0"
+    store.answered()
+    assert "geojson" not in RemoteStore(data_dir).fences
+    assert json.loads(store.geojson(store.fences)) == fence_collection(2)
+
+
+def test_a_missing_set_file_is_a_clear_error(data_dir):
+    store = RemoteStore(data_dir)
+    store.save({"status": "confirmed", "settings": {}, "fences": {"geojson": fence_collection(1), "version": "v9"}})
+    for path in (data_dir / "fences").iterdir():
+        path.unlink()
+    with pytest.raises(RemoteError, match="geofences 'v9': the stored set cannot be read"):
+        RemoteStore(data_dir).geojson(store.fences)

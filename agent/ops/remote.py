@@ -35,11 +35,12 @@ import yaml
 
 from agent.clock import Clock
 from agent.config import Config, ConfigError, load_config, parse_config
-from agent.state_file import StateFile
+from agent.state_file import StateFile, write_atomically
 
 log = logging.getLogger(__name__)
 
 REMOTE_STATE = "remote"  # {data_dir}/remote.json
+FENCE_SETS = "fences"  # {data_dir}/fences/{sha256}.geojson: the sets remote.json refers to
 COMMANDS = ("status", "flush", "set_log_level", "restart", "update", "renew_certificate")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Starts allowed with a change that has not yet been confirmed by reaching the broker.
@@ -98,10 +99,16 @@ def validate_settings(file_raw: dict[str, Any], settings: Any) -> Config:
 
 
 class RemoteStore:
-    """``{data_dir}/remote.json``: the remote settings and fence set, and what they replaced."""
+    """``{data_dir}/remote.json``: the remote settings and fence set, and what they replaced.
+
+    A fence set's GeoJSON is kept in a file of its own, ``{data_dir}/fences/{sha256}.geojson``,
+    written once; remote.json refers to it by ``file``, so the state changes of a request (pending,
+    confirmed, answered) rewrite a few hundred bytes, not a set of 100,000 fences each time.
+    """
 
     def __init__(self, data_dir: str | Path) -> None:
         self._file = StateFile(data_dir, REMOTE_STATE)
+        self._sets = Path(data_dir) / FENCE_SETS
         self.state: dict[str, Any] = self._file.load()
 
     @property
@@ -110,16 +117,57 @@ class RemoteStore:
 
     @property
     def fences(self) -> dict[str, Any] | None:
-        """``{"geojson": ..., "version": ...}`` or None when no fence set was received."""
+        """The fence set in force, ``{"version", "sha256", "file"}``, or None when none was received;
+        its GeoJSON is :meth:`geojson`."""
         return self.state.get("fences")
+
+    @property
+    def previous_fences(self) -> dict[str, Any] | None:
+        """The fence set a pending change replaced (what a roll-back restores)."""
+        return (self.state.get("previous") or {}).get("fences")
 
     @property
     def pending(self) -> bool:
         return self.state.get("status") == "pending"
 
+    def geojson(self, entry: dict[str, Any]) -> bytes:
+        """The GeoJSON of a fence entry: from its file, or held in the entry (a new request, or a
+        remote.json written before sets had files of their own). RemoteError when it cannot be read."""
+        if "geojson" in entry:
+            return json.dumps(entry["geojson"], separators=(",", ":")).encode()
+        try:
+            return (self._sets / f"{entry['file']}.geojson").read_bytes()
+        except (OSError, KeyError) as exc:
+            raise RemoteError(f"geofences {entry.get('version')!r}: the stored set cannot be read: {exc}") from exc
+
     def save(self, state: dict[str, Any]) -> None:
+        state = {**state, "fences": self._filed(state.get("fences"))}
+        if state.get("previous"):
+            state["previous"] = {**state["previous"], "fences": self._filed(state["previous"].get("fences"))}
         self._file.save(state)
         self.state = state
+        self._prune()
+
+    def _filed(self, entry: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``entry`` with its GeoJSON moved into its set file (written only if it is not there yet)."""
+        if not entry or "geojson" not in entry:
+            return entry
+        data = self.geojson(entry)
+        name = hashlib.sha256(data).hexdigest()
+        path = self._sets / f"{name}.geojson"
+        if not path.exists():
+            write_atomically(path, data)
+        return {**{k: v for k, v in entry.items() if k != "geojson"}, "file": name}
+
+    def _prune(self) -> None:
+        """Delete set files neither the set in force nor the one it replaced refers to."""
+        keep = {f"{e['file']}.geojson" for e in (self.fences, self.previous_fences) if e and "file" in e}
+        try:
+            stale = [p for p in self._sets.iterdir() if p.name not in keep]
+        except FileNotFoundError:
+            return
+        for path in stale:
+            path.unlink(missing_ok=True)
 
     def stage(self, request_id: str | None, settings: dict[str, Any], fences: dict[str, Any] | None) -> dict[str, Any]:
         """Save the new state as pending, keeping the current one to roll back to; returns the old state."""
@@ -319,7 +367,7 @@ class RemoteManager:
 
     def _parse(self, fences: dict[str, Any]) -> Any:
         try:
-            return self._parse_fences(json.dumps(fences["geojson"]).encode())
+            return self._parse_fences(self.store.geojson(fences))
         except ValueError as exc:
             raise RemoteError(f"geofences: {exc}") from exc
 
@@ -364,9 +412,9 @@ class RemoteManager:
         reason = f"the broker was not reachable within {timeout:g} s after applying: rolled back"
         log.warning("remote change %s: %s", request_id, reason)
         previous = self.store.state.get("previous") or {}
+        old_fences = self.store.previous_fences
         self.store.roll_back(reason)
         old_config = validate_settings(self._file_raw(), previous.get("settings") or {})
-        old_fences = previous.get("fences")
         fence_set = None
         if self._replace_fences is not None and self._parse_fences is not None:
             fence_set = self._parse(old_fences) if old_fences else self._parse({"geojson": {"type": "FeatureCollection", "features": []}})

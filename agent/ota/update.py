@@ -71,6 +71,7 @@ class Updater:
         self.updates_dir = self.data_dir / "updates"
         self._state = StateFile(self.data_dir, STATE_NAME)
         self._reported = StateFile(self.data_dir, REPORTED_NAME)
+        self._reporting = threading.Lock()  # the watcher thread and a start may report at once
         self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=256)
         self._busy = threading.Lock()
         self._stop = threading.Event()
@@ -105,17 +106,18 @@ class Updater:
 
     def report_outcome(self) -> bool:
         """Emit the apply step's outcome once (its id remembered in update-reported.json)."""
-        state = self._state.load()
-        outcome_id = state.get("id")
-        if state.get("state") != "done" or not outcome_id or self._reported.load().get("id") == outcome_id:
-            return False
-        outcome = state.get("outcome", "refused")
-        attrs = {k: state.get(k) for k in ("version", "previous", "reason", "log_tail")}
-        (log.info if outcome == "applied" else log.warning)("update to %s: %s (%s)", attrs["version"], outcome,
-                                                            attrs["reason"])
-        self._emit(Event, f"update_{outcome}", **attrs)
-        self._reported.save({"id": outcome_id})
-        return True
+        with self._reporting:
+            state = self._state.load()
+            outcome_id = state.get("id")
+            if state.get("state") != "done" or not outcome_id or self._reported.load().get("id") == outcome_id:
+                return False
+            outcome = state.get("outcome", "refused")
+            attrs = {k: state.get(k) for k in ("version", "previous", "reason", "log_tail")}
+            (log.info if outcome == "applied" else log.warning)("update to %s: %s (%s)", attrs["version"], outcome,
+                                                                attrs["reason"])
+            self._emit(Event, f"update_{outcome}", **attrs)
+            self._reported.save({"id": outcome_id})
+            return True
 
     def _emit(self, kind: type, type_: str, **attrs: Any) -> None:
         clean = {k: v for k, v in attrs.items() if v is not None}
