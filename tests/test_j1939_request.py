@@ -22,12 +22,14 @@ from hypothesis import strategies as st
 
 from agent.config import (CanBusConfig, CanConfig, CanSignalConfig, ConfigError, J1939Config, J1939RequestConfig,
                           parse_config)
-from agent.decode.j1939 import split_id
+from agent.decode.j1939 import make_id, split_id
+from agent.decode.j1939_tp import CM_CTS, CM_EOM_ACK, PGN_TP_CM, PGN_TP_DT
 from agent.decode.j1939_request import (PGN_REQUEST, REQUEST_GAP_S, RESPONSE_TIMEOUT_S, J1939Requester,
                                         request_frame)
 from agent.sources.can_bus import CanSource
 from conftest import REPO, wait_until
 from test_j1939_tp import bam, packets_of
+from test_j1939_tp_receiver import rts_window
 
 VIN = "1FUJGLDR5CLBP8834"
 PGN_VI, PGN_HOURS, PGN_VD = 65260, 65253, 65248
@@ -173,9 +175,11 @@ class ShiftedClock:
 
 
 class EmulatedTruckEcu:
-    """An engine ECU (source address 0) on the virtual bus: answers a Request for 65260 with the VIN
-    by BAM (TP.CM to global, then TP.DT packets 50 ms apart, J1939-21 §5.10.2.4) and for 65253 with
-    one frame; other PGNs go unanswered. Every frame it receives is kept in ``received``."""
+    """An engine ECU (source address 0) on the virtual bus: answers a Request for 65260 with the VIN,
+    by BAM to a global request (TP.CM to global, then TP.DT packets 50 ms apart, J1939-21
+    §5.10.2.4) and by RTS/CTS to one sent to it (two packets per CTS, then it waits for the
+    acknowledgement), and a Request for 65253 with one frame; other PGNs go unanswered. Every frame
+    it receives is kept in ``received``."""
 
     HOURS = (round(12345.6 / 0.05)).to_bytes(4, "little") + bytes([0xFF] * 4)  # SPN 247: 0.05 h/bit
 
@@ -187,7 +191,8 @@ class EmulatedTruckEcu:
         self._thread.start()
 
     def requested(self, pgn: int) -> list[can.Message]:
-        return [m for m in list(self.received) if int.from_bytes(m.data[:3], "little") == pgn]
+        return [m for m in list(self.received)
+                if split_id(m.arbitration_id)[1] == PGN_REQUEST and int.from_bytes(m.data[:3], "little") == pgn]
 
     def close(self) -> None:
         self._stop.set()
@@ -207,15 +212,39 @@ class EmulatedTruckEcu:
             if pgn != PGN_REQUEST or da not in (ENGINE, 0xFF):
                 continue
             wanted = int.from_bytes(msg.data[:3], "little")
-            if wanted == PGN_VI:
-                payload = (VIN + "*").encode()  # J1939-71 SPN 237: ASCII, "*"-delimited
+            payload = (VIN + "*").encode()  # J1939-71 SPN 237: ASCII, "*"-delimited
+            if wanted == PGN_VI and da == 0xFF:
                 packets = packets_of(payload)
                 self.send(0x1CECFF00, bam(len(payload), len(packets), PGN_VI))
                 for packet in packets:
                     self._stop.wait(0.05)
                     self.send(0x1CEBFF00, packet)
+            elif wanted == PGN_VI:
+                self._rts_cts(sa, payload)
             elif wanted == PGN_HOURS:
                 self.send(0x18FEE500, self.HOURS)
+
+    def _rts_cts(self, to: int, payload: bytes) -> None:
+        packets = packets_of(payload)
+        self.send(make_id(PGN_TP_CM, ENGINE, 7, to), rts_window(len(payload), len(packets), PGN_VI, 2))
+        while (cts := self._expect(to, CM_CTS)) is not None:
+            count, first = cts.data[1], cts.data[2]
+            for packet in packets[first - 1 : first - 1 + count]:
+                self.send(make_id(PGN_TP_DT, ENGINE, 7, to), packet)
+            if first - 1 + count >= len(packets):
+                self._expect(to, CM_EOM_ACK)
+                return
+
+    def _expect(self, sender: int, control: int) -> can.Message | None:
+        """The next TP.CM frame of ``control`` from ``sender``; None after J1939-21's T3 (1.25 s)."""
+        deadline = time.monotonic() + 1.25
+        while time.monotonic() < deadline and not self._stop.is_set():
+            msg = self.bus.recv(0.05)
+            if msg is not None:
+                self.received.append(msg)
+                if split_id(msg.arbitration_id)[1:3] == (PGN_TP_CM, sender) and msg.data[0] == control:
+                    return msg
+        return None
 
 
 def run_agent(config: CanConfig, clock: ShiftedClock):
@@ -226,10 +255,11 @@ def run_agent(config: CanConfig, clock: ShiftedClock):
     return source, records, stop, thread
 
 
-def truck_config(channel: str, allow_transmit: bool) -> CanConfig:
+def truck_config(channel: str, allow_transmit: bool, j1939: J1939Config | None = None) -> CanConfig:
     return CanConfig(allow_transmit=allow_transmit,
                      buses=[CanBusConfig(name="truck", interface="virtual", channel=channel)],
-                     signals=[CanSignalConfig(signal="EngineTotalHoursOfOperation", period_s=0.1)])
+                     signals=[CanSignalConfig(signal="EngineTotalHoursOfOperation", period_s=0.1)],
+                     j1939=j1939 or J1939Config())
 
 
 def test_the_agent_asks_the_truck_for_its_vin_and_hours_and_stops_or_slows_once_answered():
@@ -297,3 +327,28 @@ def test_no_requests_on_obd2_buses_or_with_an_empty_list():
                     j1939=J1939Config(requests=[J1939RequestConfig(pgn=PGN_VI)]))
     assert [CanSource(c, ShiftedClock()).requesting for c in (obd2, empty, one)] == [False, False, True]
 
+
+
+def test_asked_destination_specifically_the_ecu_answers_by_rts_cts_and_the_agent_sends_the_ctss():
+    channel = f"j1939-{uuid.uuid4().hex}"
+    ecu = EmulatedTruckEcu(channel)
+    j1939 = J1939Config(destination=ENGINE, requests=[J1939RequestConfig(pgn=PGN_VI)])
+    source, records, stop, thread = run_agent(truck_config(channel, True, j1939), ShiftedClock())
+    try:
+        wait_until(lambda: any(r.kind == "status" and r.data.type == "vin" for r in list(records)),
+                   message="the VIN by RTS/CTS")
+        wait_until(lambda: any(m.data[0] == CM_EOM_ACK for m in list(ecu.received)), message="the acknowledgement")
+    finally:
+        stop.set()
+        thread.join(5)
+        ecu.close()
+    request, *session = ecu.received
+    assert (request.arbitration_id, bytes(request.data)) == (0x18EA00FB, bytes([0xEC, 0xFE, 0x00]))
+    vi = bytes([0xEC, 0xFE, 0x00])
+    assert [(m.arbitration_id, bytes(m.data)) for m in session] == [
+        (0x1CEC00FB, bytes([17, 2, 1, 0xFF, 0xFF]) + vi),  # CTS: packets 1-2
+        (0x1CEC00FB, bytes([17, 1, 3, 0xFF, 0xFF]) + vi),  # CTS: packet 3
+        (0x1CEC00FB, bytes([19, 18, 0, 3, 0xFF]) + vi),  # end of message: 18 bytes, 3 packets
+    ]
+    assert [r.data.attrs["vin"] for r in records if r.kind == "status"] == [VIN]
+    assert source.requester.answered == {PGN_VI} and len(ecu.requested(PGN_VI)) == 1

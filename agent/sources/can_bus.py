@@ -24,6 +24,8 @@ from agent.decode import obd
 from agent.decode.can_decoder import obd_items
 from agent.decode.j1939 import J1939Database, pgn_of
 from agent.decode.j1939_request import PGN_ACK, J1939Requester
+from agent.decode.j1939_tp import PGN_TP_CM, PGN_TP_DT
+from agent.decode.j1939_tp_receiver import CtsResponder
 from agent.pipeline import Emit
 from agent.record import Record
 from agent.sources.can_sampling import CanSampler
@@ -81,6 +83,7 @@ class CanSource:
                            and bool(config.j1939.requests))
         self.poller: obd.ObdPoller | None = None
         self.requester: J1939Requester | None = None
+        self.responder: CtsResponder | None = None  # CTS for RTS/CTS answers sent to the agent
         self._counts = {"frames": 0, "error_frames": 0, "bus_off": 0, "records": 0, "opens": 0, "failures": 0,
                         "sent": 0}
         self.state = "closed"  # closed, up, bus_off, down
@@ -169,6 +172,7 @@ class CanSource:
                 self.requester = J1939Requester(
                     {r.pgn: r.refresh_s for r in j1939.requests}, sa=j1939.source_address, da=j1939.destination,
                     retry_s=j1939.retry_s, retry_max_s=j1939.retry_max_s)
+                self.responder = CtsResponder(j1939.source_address)
                 self.sampler.on_message = self._heard
             try:
                 self._pump(bus, emit, stop, first)
@@ -201,8 +205,9 @@ class CanSource:
         feed = self.sampler.feed
         counts = self._counts
         on_frame = self.on_frame
-        # What the request scheduler has to see of the bus: its PGNs' single frames and acknowledgements.
-        watched = self.requester.watched if self.requester is not None else frozenset()
+        # What the requester has to see of the bus (its PGNs' single frames, acknowledgements) and the
+        # CTS responder (transport sessions, which it filters on their destination).
+        watched = (self.requester.watched | {PGN_TP_CM, PGN_TP_DT}) if self.requester is not None else frozenset()
         schedulers: list[tuple[obd.ObdPoller | J1939Requester, bool]] = []
         if self.poller is not None:
             schedulers.append((self.poller, self.config.obd.extended_ids))
@@ -228,7 +233,7 @@ class CanSource:
                     else:
                         out += feed(msg.timestamp, msg.arbitration_id, msg.is_extended_id, bytes(msg.data))
                         if watched and msg.is_extended_id and pgn_of(msg.arbitration_id) in watched:
-                            self._j1939_answer(msg)
+                            self._j1939_frame(bus, msg)
                 if n >= BATCH:
                     break
                 msg = bus.recv(timeout=0)
@@ -257,13 +262,22 @@ class CanSource:
         return self.sampler.offer(obd_items(msg.timestamp, self.bus_config.name, msg.arbitration_id,
                                             msg.is_extended_id, values))
 
-    def _j1939_answer(self, msg: can.Message) -> None:
+    def _j1939_frame(self, bus: can.BusABC, msg: can.Message) -> None:
+        """A frame the requester or the CTS responder watches (after the sampler decoded it)."""
         can_id = msg.arbitration_id
-        pgn = pgn_of(can_id)
-        if pgn == PGN_ACK:
-            self.requester.acknowledgement(can_id & 0xFF, (can_id >> 8) & 0xFF, bytes(msg.data))
+        pgn, sa, da = pgn_of(can_id), can_id & 0xFF, (can_id >> 8) & 0xFF
+        if pgn == PGN_TP_CM:
+            reply = self.responder.cm(sa, da, bytes(msg.data))
+        elif pgn == PGN_TP_DT:
+            reply = self.responder.dt(sa, da, bytes(msg.data))
         else:
-            self.requester.heard(pgn, can_id & 0xFF, self.clock.monotonic())
+            if pgn == PGN_ACK:
+                self.requester.acknowledgement(sa, da, bytes(msg.data))
+            else:
+                self.requester.heard(pgn, sa, self.clock.monotonic())
+            return
+        if reply is not None:
+            self._send(bus, reply[0], True, reply[1])
 
     def _heard(self, pgn: int, sa: int) -> None:
         """A J1939 message the transport protocol completed (the sampler's hook)."""
