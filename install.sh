@@ -159,7 +159,14 @@ install_venv() {
         run "$py" -m pip install --quiet --upgrade "$SRC"
     fi
     # Over-the-air updates switch this link between versions/<v> and "." (this venv) (docs/ota.md).
-    if [ ! -L "$ROOT$VENV/current" ]; then run ln -s . "$ROOT$VENV/current"; fi
+    # Installing means running what was installed: an updated box comes back to "." (atomically).
+    local link="$ROOT$VENV/current" target
+    target="$(readlink "$link" 2>/dev/null || true)"
+    if [ "$target" != "." ]; then
+        if [ -n "$target" ]; then say "pointing $VENV/current at this installation (it was $target)"; fi
+        run ln -sfn . "$link.new"
+        run mv -T "$link.new" "$link"
+    fi
     run install -d -m 0755 "$ROOT$DOC_DIR"
     for doc in device.md operations.md ota.md certificates.md; do
         if [ -f "$SRC/docs/$doc" ]; then run install -m 0644 "$SRC/docs/$doc" "$ROOT$DOC_DIR/$doc"; fi

@@ -37,7 +37,7 @@ KEPT = {
     ("etc/shadow", "f", 0o000),
     ("etc/gshadow", "f", 0o000),
     ("etc/telematics-agent/agent.yaml", "f", 0o640),
-    ("var/lib/telematics-agent/buffer.db", "f", 0o600),  # stands in for unsent telemetry
+    ("var/lib/telematics-agent/buffer.sqlite", "f", 0o600),  # stands in for unsent telemetry
 }
 
 
@@ -113,7 +113,7 @@ def test_install_twice_then_uninstall(tmp_path, wheelhouse):
     assert tree["etc/systemd/system/multi-user.target.wants/telematics-agent.service"][4] == (
         "/etc/systemd/system/telematics-agent.service"
     )
-    kept_now = {p for p, _, _ in KEPT if "buffer.db" not in p}
+    kept_now = {p for p, _, _ in KEPT if "buffer.sqlite" not in p}
     assert set(tree) == {p for p, _, _ in INSTALLED} | kept_now | {"etc/.pwd.lock"}
     docs = root / VENV / "share/doc/telematics-agent"
     shipped = {"device.md", "operations.md", "ota.md", "certificates.md"}
@@ -133,16 +133,24 @@ def test_install_twice_then_uninstall(tmp_path, wheelhouse):
     assert "installing /etc/" not in second.stdout  # unit files unchanged: not rewritten
     assert snapshot(root) == edited
 
+    # After an over-the-air update, installing again runs the installed version once more.
+    current = root / VENV / "current"
+    current.unlink()
+    current.symlink_to("versions/9.9.9")
+    third = install("--root", str(root), "--wheelhouse", str(wheelhouse))
+    assert f"pointing /{VENV}/current at this installation (it was versions/9.9.9)" in third.stdout
+    assert os.readlink(current) == "." and snapshot(root) == edited
+
     # Uninstall: only the user, the config and the data remain.
-    (data_dir / "buffer.db").write_bytes(b"unsent")
-    (data_dir / "buffer.db").chmod(0o600)
+    (data_dir / "buffer.sqlite").write_bytes(b"unsent")
+    (data_dir / "buffer.sqlite").chmod(0o600)
     install("--root", str(root), "--uninstall")
     remaining = snapshot(root)
     assert set(remaining) == {p for p, _, _ in KEPT} | {"etc/.pwd.lock"}
     for path, kind, mode in KEPT:
         assert remaining[path][:2] == (kind, mode), path
     assert (conf_dir / "agent.yaml").read_text() == "device:\n  id: truck-7\n"
-    assert (data_dir / "buffer.db").read_bytes() == b"unsent"
+    assert (data_dir / "buffer.sqlite").read_bytes() == b"unsent"
     assert not (root / VENV).exists()
     # Uninstalling again is harmless.
     install("--root", str(root), "--uninstall")
