@@ -20,6 +20,7 @@ from agent import __version__
 from agent.clock import Clock, SystemClock
 from agent.config import Config
 from agent.pipeline import Pipeline, Processor, Source
+from agent.record import Record
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Agent:
         self._pinger = None
         self._notifier = None
         self.recorder = None
+        self.last_time = None
 
     # -- building -----------------------------------------------------------------------------
 
@@ -132,6 +134,7 @@ class Agent:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StartupError(f"cannot create the data directory {self.data_dir}: {exc.strerror}") from exc
+        clock_behind = self._restore_clock()
         self.board = StatusBoard(self.data_dir, self.clock, device_id=self.config.device.id,
                                  interval_s=self.config.status.interval_s)
         self.buffer = DurableBuffer(self.data_dir, self.config.buffer, self.clock)
@@ -159,6 +162,9 @@ class Agent:
         )
         self._spawn("link", self.link.run, self._link_stop)
         self._spawn("pipeline", self.pipeline.run, self._pipeline_stop)
+        if clock_behind is not None:
+            self.pipeline.emit(clock_behind)
+        self._start_clock_keeper()
         for source in self.sources:
             self._spawn(f"source-{source.name}", source.run, self.pipeline.emit, self._source_stop)
         self._start_device_io()
@@ -172,6 +178,20 @@ class Agent:
         if interval:  # after READY: systemd counts watchdog pings only from a started service
             self._pinger = WatchdogPinger(self._notifier, interval, heartbeat.healthy)
             self._pinger.start()
+
+    def _restore_clock(self) -> Record | None:
+        """Before anything reads the clock: set a clock behind the last known time forward
+        (agent/ops/last_time.py); the status record saying so, or None."""
+        from agent.ops.last_time import LastKnownTime
+
+        self.last_time = LastKnownTime(self.data_dir, self.clock)
+        return self.last_time.restore(self.config.gps.set_clock)
+
+    def _start_clock_keeper(self) -> None:
+        """Remember, hourly and at stop, a time GPS confirmed (only a GPS source can confirm it)."""
+        gps = next((s for s in self.sources if s.name == "gps"), None)
+        if gps is not None:
+            self._spawn("clock-keeper", self.last_time.run, lambda: gps.stats.get("clock_ok") is True, self._ops_stop)
 
     def _start_recorder(self) -> None:
         """Raw NMEA and CAN to rotating files for a technician (``record:``, off by default)."""
