@@ -64,6 +64,8 @@ class StopDetector:
         if haversine_m(lat0, lon0, fix.lat, fix.lon) <= self.config.radius_m:
             self._outside = 0
             if not slow:
+                if self._arrival is None:  # still rolling: the radius follows the truck until it stops
+                    self._anchor = (utc, fix.lat, fix.lon)
                 return []
             self._last_still = utc
             if self._arrival is None:
