@@ -266,6 +266,36 @@ def test_global_overspeed_needs_the_minimum_duration():
     assert len(got) == 1 and got[0]["peak_kmh"] == pytest.approx(108, abs=0.1) and got[0]["duration_s"] == pytest.approx(19, abs=1.5)
 
 
+@pytest.mark.parametrize("gap_s", [0, 30])
+def test_an_overspeed_episode_across_a_restart_is_one_event(data_dir, gap_s):
+    """Restarted 40 s into a 70 s episode, up again at once or after a 30 s boot while still too fast:
+    one event, from the episode's start, with the peak before the restart."""
+    d = Drive(*DEPOT)
+    d.go(0, 200, 20).go(0, 1200, 30).go(0, 900, 30).go(0, 600, 20)  # 108 km/h for about 70 s
+    cut = next(i for i, r in enumerate(d.records) if r.utc >= d.records[0].utc + 55)
+    config = {"driving": DrivingConfig(overspeed_kmh=90)}
+    later = [r for r in d.records[cut:] if r.utc >= d.records[cut].utc + gap_s]
+    first = [a for t, a in events(run(chain(collection(), data_dir, **config).processors, d.records[:cut])) if t == "overspeed"]
+    second = [a for t, a in events(run(chain(collection(), data_dir, **config).processors, later)) if t == "overspeed"]
+    unbroken = [a for t, a in events(run(chain(collection(), **config).processors, d.records)) if t == "overspeed"]
+    assert first == [] and len(second) == 1 and len(unbroken) == 1
+    assert second[0]["peak_kmh"] == pytest.approx(108, abs=0.1) and second[0]["utc"] == unbroken[0]["utc"]
+    if gap_s == 0:
+        assert second[0]["duration_s"] == pytest.approx(unbroken[0]["duration_s"], abs=1.5)
+    else:  # what was last saved before the restart (at most overspeed_min_s old): the rest is unknown
+        saved_until = d.records[cut - 1].utc - unbroken[0]["utc"] - 10
+        assert saved_until <= second[0]["duration_s"] <= unbroken[0]["duration_s"]
+    assert (data_dir / "edge-driving.json").read_text() == "{}"
+
+
+def test_a_garbled_driving_state_starts_without_an_episode(data_dir):
+    (data_dir / "edge-driving.json").write_text('{"overspeed": {"utc": "x"}}')
+    d = Drive(*DEPOT)
+    d.go(0, 300, 20)
+    got = events(run(chain(collection(), data_dir, driving=DrivingConfig(overspeed_kmh=90)).processors, d.records))
+    assert [t for t, _ in got if t == "overspeed"] == [] and (data_dir / "edge-driving.json").read_text() == "{}"
+
+
 def test_parked_since_power_up_is_not_a_stop():
     d = Drive(*DEPOT)
     d.stay(1800)

@@ -15,19 +15,23 @@ Overspeed compares the (unfiltered) speed with the lowest of the global limit an
 fences containing the last fix (``speed_limit_at(lat, lon)`` of the geofence processor). An episode
 ends once the speed stayed at or below the limit for ``overspeed_end_s``; episodes of at least
 ``overspeed_min_s`` give one ``overspeed`` event with ``peak_kmh``, ``duration_s``, ``limit_kmh``
-and the zone's ``geofence_id``.
+and the zone's ``geofence_id``. An overspeed episode in progress survives a restart
+(``<data_dir>/edge-driving.json``, written when it starts and ends, and every ``overspeed_min_s``
+of record time in between; the time the agent was down counts as below the limit): one event per episode, also across a reboot. Harsh episodes last seconds and are not kept.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 from agent.config import DrivingConfig
 from agent.geo import LocalFrame, heading_change_deg
 from agent.processors.vehicle import WHEEL_SPEED_KMH, signal_value
 from agent.record import Event, Fix, Record
+from agent.state_file import PERIODIC_SAVE_S, StateFile
 
 # Defaults in m/s^2 by vehicle (accel, brake, corner): common fleet-telematics practice puts harsh
 # events for light vans near 0.3-0.4 g and for laden heavy trucks near 0.2-0.3 g (g = 9.81 m/s^2).
@@ -100,11 +104,26 @@ class _Episode:
         self.limit: float | None = None  # overspeed only: the limit and the zone that set it
         self.fence: str | None = None
 
+    def saved(self) -> dict:
+        """The episode as JSON-able state."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def restored(cls, state: dict) -> "_Episode":
+        """An episode from :meth:`saved` state (KeyError/TypeError/ValueError when it is not one)."""
+        episode = cls.__new__(cls)
+        for name in cls.__slots__:
+            setattr(episode, name, state[name])
+        for name in ("utc", "peak", "last"):
+            float(getattr(episode, name))
+        return episode
+
 
 class DrivingMonitor:
     """Emits harsh_accel, harsh_brake, harsh_corner and overspeed."""
 
-    def __init__(self, config: DrivingConfig, speed_limit: SpeedLimit | None = None) -> None:
+    def __init__(self, config: DrivingConfig, speed_limit: SpeedLimit | None = None,
+                 data_dir: str | Path | None = None) -> None:
         self.config = config
         accel, brake, corner = PROFILES[config.vehicle]
         self.thresholds = {
@@ -114,6 +133,14 @@ class DrivingMonitor:
         }
         self._speed_limit = speed_limit
         self._episodes: dict[str, _Episode] = {}
+        self._state = StateFile(data_dir, "edge-driving")
+        saved = self._state.load().get("overspeed")
+        if saved:
+            try:
+                self._episodes["overspeed"] = _Episode.restored(saved)
+            except (KeyError, TypeError, ValueError):
+                self._state.save({})  # not an episode: start without one
+        self._saved_at = self._episodes["overspeed"].last if "overspeed" in self._episodes else None
         self._gps: deque[Sample] = deque(maxlen=3)
         self._ref: Sample | None = None  # the filtered sample the last acceleration was measured from
         self._last_course: Sample | None = None
@@ -210,11 +237,16 @@ class DrivingMonitor:
             if episode is None:
                 self._episodes["overspeed"] = episode = _Episode(sample, kmh)
                 episode.limit, episode.fence = limit, fence_id
+                self._save(episode)
             episode.peak, episode.last = max(episode.peak, kmh), sample.utc
+            # Often enough that a restart keeps an episode long enough to report (a few writes each).
+            if sample.utc - self._saved_at >= min(PERIODIC_SAVE_S, self.config.overspeed_min_s):
+                self._save(episode)
             return []
         if episode is None or sample.utc - episode.last < self.config.overspeed_end_s:
             return []
         del self._episodes["overspeed"]
+        self._save(None)
         duration = episode.last - episode.utc
         if duration < self.config.overspeed_min_s:
             return []
@@ -222,6 +254,10 @@ class DrivingMonitor:
         if episode.fence is not None:
             attrs["geofence_id"] = episode.fence
         return [self._event(episode, mono, "overspeed", **attrs)]
+
+    def _save(self, episode: _Episode | None) -> None:
+        self._state.save({"overspeed": episode.saved()} if episode is not None else {})
+        self._saved_at = episode.last if episode is not None else None
 
     def _limit(self) -> tuple[float | None, str | None]:
         """(km/h, zone fence id or None) now in force; (None, None) without any limit."""

@@ -39,7 +39,7 @@ class EdgeChain:
             StopDetector(config.stops, data_dir, self.geofences.customer_stop_at),
             TripDetector(config.trips, data_dir),
             IdleDetector(config.idling, config.trips.engine_on_rpm, data_dir),
-            DrivingMonitor(config.driving, self.geofences.speed_limit_at),
+            DrivingMonitor(config.driving, self.geofences.speed_limit_at, data_dir),
             DiagnosticsMonitor(config.diagnostics, data_dir),
             self.reporter,
         ]
