@@ -10,8 +10,10 @@ bytes complete. It copes with what real receivers send (see docs/gps.md):
   :attr:`NmeaDecoder.counters`; nothing raises.
 - sentences RMC, GGA, GNS, GLL, GSA, GSV, VTG, GST, ZDA from any talker (GP, GN, GL, GA, GB, BD,
   GQ, QZ, GI, PQ, ...); others, and proprietary ``$P...`` sentences, are counted and skipped. The
-  fields of a framed, checksum-checked sentence are read by pynmea2 (its sentence classes, field
-  tables and converters); this module checks what pynmea2 lets through (see :func:`_angle`).
+  fields of a framed, checksum-checked RMC, GGA or GNS are read by pynmea2's sentence classes;
+  those of GLL, GSA, VTG, GST and ZDA by pynmea2's field tables and converters, without building
+  its objects (GSV's in-view count directly); this module checks what pynmea2 lets through (see
+  :func:`_angle`).
 - epochs: every sentence that carries a time of day belongs to the epoch of that time; sentences
   without one (GSA, GSV, VTG) belong to the epoch being assembled. An epoch is complete when a
   sentence with a different time arrives, when a sentence kind it already holds arrives again (a
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pynmea2
-from pynmea2.nmea_utils import dm_to_sd
+from pynmea2.nmea_utils import dm_to_sd, timestamp
 
 from agent.record import Fix
 
@@ -49,21 +51,41 @@ HALF_DAY_MS = 12 * 3600 * 1000
 DAY_MS = 24 * 3600 * 1000
 _EPOCH_ORDINAL = _dt.date(1970, 1, 1).toordinal()
 
-# A piece of a stream: a start character and everything up to the next start or line end.
-# A NUL ends a piece like a line end (receivers pad with NULs; one inside a sentence breaks it).
-_PIECE = re.compile(rb"[$!][^$!\r\n\x00]*")
 _DELIMITER = re.compile(rb"[$!\r\n\x00]")
 _PRINTABLE = bytes(range(0x20, 0x7F))
 # A whole sentence: start, printable body without "*", "*hh", trailing blanks or NULs.
 _SENTENCE = re.compile(rb"[$!]([\x20-\x29\x2b-\x7e]*)\*([0-9A-Fa-f]{2})[ \t]*\Z")
+# A piece of a stream: a start character and everything up to the next start or line end.
+# A NUL ends a piece like a line end (receivers pad with NULs; one inside a sentence breaks it).
+# The first branch is a well-formed "$" sentence, read in the same pass (groups: body and "hh";
+# its characters exclude the delimiters, so the piece is the same); any other piece has no groups
+# and goes through NmeaDecoder._piece.
+_FRAME = re.compile(
+    rb"\$([\x20\x22\x23\x25-\x29\x2b-\x7e]*)\*([0-9A-Fa-f]{2})[ \t]*(?=[$!\r\n\x00])|[$!][^$!\r\n\x00]*"
+)
+# How many sentence heads (address and comma) NmeaDecoder remembers the handler of: a receiver sends
+# about a dozen; garbage with valid checksums must not grow the table.
+MAX_ROUTES = 64
+_UNROUTED = object()
 _HEX = {(a + b).encode(): int(a + b, 16) for a in "0123456789abcdefABCDEF" for b in "0123456789abcdefABCDEF"}
 # GGA quality digit for an FAA mode letter (NMEA 0183 4.10 mode indicator), for GNS-only epochs.
 _FAA_QUALITY = {"N": 0, "A": 1, "D": 2, "P": 3, "R": 4, "F": 5, "E": 6, "M": 7, "S": 8}
 # Which sentence's position an epoch keeps when they disagree and are equally precise.
 _RANK_RMC, _RANK_GNS, _RANK_GGA, _RANK_GLL = 1, 2, 3, 4
 _RMC_DATE = pynmea2.RMC.name_to_idx["datestamp"]
-_GSA_SV_IDS = slice(pynmea2.GSA.name_to_idx["sv_id01"], pynmea2.GSA.name_to_idx["sv_id12"] + 1)
-_GSA_SYSTEM_ID = len(pynmea2.GSA.fields)  # NMEA 4.10 added it after VDOP
+
+
+def _columns(sentence: type[pynmea2.TalkerSentence]) -> dict[str, int]:
+    """pynmea2's field names of ``sentence`` -> their index in the fields split here (the address first)."""
+    return {name: index + 1 for name, index in sentence.name_to_idx.items()}
+
+
+# Sentences whose fields are read here by pynmea2's field tables, without building its objects.
+_GLL, _GSA, _GST, _VTG, _ZDA = (
+    _columns(kind) for kind in (pynmea2.GLL, pynmea2.GSA, pynmea2.GST, pynmea2.VTG, pynmea2.ZDA)
+)
+_GSA_SV_IDS = slice(_GSA["sv_id01"], _GSA["sv_id12"] + 1)
+_GSA_SYSTEM_ID = len(pynmea2.GSA.fields) + 1  # NMEA 4.10 added it after VDOP
 
 
 def checksum(body: bytes) -> int:
@@ -110,6 +132,28 @@ def _count(value: object) -> int | None:
     return int(number) if number is not None and number.is_integer() else None
 
 
+def _pynmea2(sentence: type[pynmea2.TalkerSentence], body: bytes) -> pynmea2.TalkerSentence:
+    """pynmea2's ``sentence`` object for a sentence body (its address and fields)."""
+    fields = body.decode("ascii").split(",")
+    return sentence(fields[0][:2], fields[0][2:], fields[1:])
+
+
+def _field(fields: list[str], index: int) -> str:
+    """Field ``index`` of a split sentence; empty when the sentence is shorter (as pynmea2 reads it)."""
+    return fields[index] if index < len(fields) else ""
+
+
+def _converted(read: Callable[[str], object], text: str) -> object:
+    """``text`` as pynmea2 returns a field with a converter: None when empty, the text when ``read``
+    fails (its ``NMEASentence.__getattr__``)."""
+    if not text:
+        return None
+    try:
+        return read(text)
+    except Exception:  # pynmea2 catches everything there
+        return text
+
+
 def _time_of_day_ms(value: object) -> int | None:
     """pynmea2's ``timestamp`` (a ``datetime.time``; the text when it could not read ``hhmmss[.sss]``)
     -> milliseconds since midnight, fractions beyond ms truncated as gpsd does."""
@@ -119,6 +163,11 @@ def _time_of_day_ms(value: object) -> int | None:
 
 
 _HEMISPHERE_SIGN = {"N": 1.0, "S": -1.0, "E": 1.0, "W": -1.0}
+
+
+def _field_time_of_day_ms(fields: list[str], index: int) -> int | None:
+    """A ``hhmmss[.sss]`` field read by pynmea2's ``timestamp`` converter -> milliseconds since midnight."""
+    return _time_of_day_ms(_converted(timestamp, _field(fields, index)))
 
 
 def _angle(text: str, hemi: str, hemispheres: tuple[str, str], max_degrees: int) -> float | None:
@@ -140,12 +189,13 @@ def _angle(text: str, hemi: str, hemispheres: tuple[str, str], max_degrees: int)
     return degrees * _HEMISPHERE_SIGN[hemi]
 
 
-def _position(sentence: pynmea2.TalkerSentence, rank: int) -> tuple[float, float, int] | None:
-    """The sentence's latitude and longitude, with a rank: more digits rank higher, then the
+def _position(
+    text: str, lat_dir: str, lon_text: str, lon_dir: str, rank: int
+) -> tuple[float, float, int] | None:
+    """A sentence's latitude and longitude fields, with a rank: more digits rank higher, then the
     sentence's own ``rank``."""
-    text = sentence.lat
-    lat = _angle(text, sentence.lat_dir, ("N", "S"), 90)
-    lon = _angle(sentence.lon, sentence.lon_dir, ("E", "W"), 180)
+    lat = _angle(text, lat_dir, ("N", "S"), 90)
+    lon = _angle(lon_text, lon_dir, ("E", "W"), 180)
     if lat is None or lon is None:
         return None
     dot = text.find(".")
@@ -200,7 +250,7 @@ class _Epoch:
     def __init__(self, tod_ms: int | None, date_ord: int | None) -> None:
         self.tod_ms = tod_ms
         self.date_ord = date_ord
-        self.kinds: set[tuple[str, str]] = set()
+        self.kinds: set[bytes] = set()  # the addresses (talker and type) of its sentences
         self.lat: float | None = None
         self.lon: float | None = None
         self.pos_rank = 0
@@ -208,7 +258,7 @@ class _Epoch:
         self.quality = self.sats_used = self.mode = None
         self.hdop = self.pdop = self.vdop = None
         self.gsa_sats: set[tuple[str, str]] = set()
-        self.in_view: dict[str, int] = {}  # talker -> satellites in view (GSV field 3)
+        self.in_view: dict[bytes, int] = {}  # talker -> satellites in view (GSV field 3)
         self.status = self.faa_mode = None
         self.lat_err_m = self.lon_err_m = self.alt_err_m = None
 
@@ -253,13 +303,12 @@ class NmeaDecoder:
         self._date_ord: int | None = None  # the date the receiver last told us, moved at midnight
         self._last_tod: int | None = None
         self._reference_ms: int | None = None
-        # Sentence type -> (pynmea2's class that reads its fields, or None: the handler reads the
-        # fields as split here; the handler).
-        self._handlers: dict[str, tuple[type[pynmea2.TalkerSentence] | None, Callable]] = {
-            "RMC": (pynmea2.RMC, self._rmc), "GGA": (pynmea2.GGA, self._gga), "GNS": (pynmea2.GNS, self._gns),
-            "GLL": (pynmea2.GLL, self._gll), "GSA": (pynmea2.GSA, self._gsa), "GSV": (None, self._gsv),
-            "VTG": (pynmea2.VTG, self._vtg), "GST": (pynmea2.GST, self._gst), "ZDA": (pynmea2.ZDA, self._zda),
+        # Sentence type -> its handler, called with the address (talker and type) and the body.
+        self._handlers: dict[str, Callable[[bytes, bytes, list], None]] = {
+            "RMC": self._rmc, "GGA": self._gga, "GNS": self._gns, "GLL": self._gll, "GSA": self._gsa,
+            "GSV": self._gsv, "VTG": self._vtg, "GST": self._gst, "ZDA": self._zda,
         }
+        self._routes: dict[bytes, Callable[[bytes, bytes, list], None] | None] = {}  # see _route
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -279,16 +328,25 @@ class NmeaDecoder:
         buf = self._tail + data if self._tail else data
         self._tail = b""
         end = len(buf)
-        for match in _PIECE.finditer(buf):
-            if match.end() == end:  # not terminated yet: wait for more bytes
+        counters = self.counters
+        for match in _FRAME.finditer(buf):
+            body, hexsum = match.group(1, 2)
+            if body is not None and match.end() - match.start() <= MAX_SENTENCE:
+                # A well-formed sentence (the common case, judged here without _piece).
+                if checksum(body) == _HEX[hexsum]:
+                    self._sentence(body, True, out)
+                else:
+                    counters["bad_checksum"] += 1
+            elif match.end() == end:  # not terminated yet: wait for more bytes
                 piece = match.group()
                 if _overlong(piece):
-                    self.counters["overlong"] += 1
+                    counters["overlong"] += 1
                     self._skipping = True
                 else:
                     self._tail = piece
                 break
-            self._piece(match.group(), out)
+            else:
+                self._piece(match.group(), out)
         return out
 
     def flush(self) -> list[tuple[float, Fix]]:
@@ -317,32 +375,40 @@ class NmeaDecoder:
             if not self.allow_missing_checksum:
                 self.counters["missing_checksum" if len(body) > 5 and b"," in body else "garbage"] += 1
                 return
-        fields = body.decode("ascii").split(",")
-        address = fields[0]
-        # Proprietary ($P...), AIS encapsulation (!) and unknown sentences are skipped; Quectel's
-        # "PQ" talker sends standard sentences (PQGSV) next to its proprietary ones (PQVERNO).
-        entry = None
-        if len(address) == 5 and piece[:1] == b"$" and (address[0] != "P" or address[1] == "Q"):
-            entry = self._handlers.get(address[2:])
-        if entry is None:
+        self._sentence(body, piece[:1] == b"$", out)
+
+    def _sentence(self, body: bytes, dollar: bool, out: list) -> None:
+        """A framed sentence whose checksum passed: ``body`` is what lies between the start and ``*``."""
+        head = body[:6]  # the address and the comma after it
+        handler = self._routes.get(head, _UNROUTED) if dollar else None
+        if handler is _UNROUTED:
+            handler = self._route(head)
+        if handler is None:
             self.counters["ignored"] += 1
             return
         self.counters["sentences"] += 1
-        parser, handler = entry
-        talker = address[:2]
-        # pynmea2's sentence class is built from the fields split here rather than by pynmea2.parse:
-        # parse would check the checksum again (7.5 us a sentence here; the whole decoder took 6 us
-        # a sentence before the port) and reads Quectel's PQGSV as a proprietary "PQGS" sentence.
-        sentence = fields if parser is None else parser(talker, address[2:], fields[1:])
         try:
-            handler(talker, sentence, out)
+            handler(body[:5], body, out)
         except ValueError:  # pynmea2.ParseError is one; its field readers mostly return the text instead
             self.counters["unparsable"] += 1
 
+    def _route(self, head: bytes) -> Callable[[bytes, bytes, list], None] | None:
+        """The handler for sentences starting ``head`` (their first six characters), remembered for
+        the first :data:`MAX_ROUTES` heads seen. Proprietary ($P...) and unknown sentences have none;
+        Quectel's "PQ" talker sends standard sentences (PQGSV) next to its proprietary ones (PQVERNO)."""
+        address = head.split(b",")[0].decode("ascii")
+        handler = None
+        if len(address) == 5 and (address[0] != "P" or address[1] == "Q"):
+            handler = self._handlers.get(address[2:])
+        if len(self._routes) < MAX_ROUTES:
+            self._routes[head] = handler
+        return handler
+
     # ---- epochs -------------------------------------------------------------------------------
 
-    def _epoch_for(self, kind: tuple[str, str], tod_ms: int | None, out: list) -> _Epoch:
-        """The epoch a sentence of ``kind`` with time of day ``tod_ms`` (None: untimed) belongs to.
+    def _epoch_for(self, kind: bytes, tod_ms: int | None, out: list) -> _Epoch:
+        """The epoch a sentence of ``kind`` (its address: talker and type) with time of day ``tod_ms``
+        (None: untimed) belongs to.
 
         A timed sentence kind (RMC, GGA, ...) seen again with the same time is a new epoch of a
         receiver repeating its time; an untimed one (VTG, GSA) seen again is merged (multiplexers
@@ -406,14 +472,20 @@ class NmeaDecoder:
                 utc_ms += GPS_ROLLOVER_S * 1000
         out.append((utc_ms / 1000.0, epoch.fix()))
 
-    # ---- sentences: pynmea2 names and converts the fields (NMEA 0183 4.10 layouts) ---------------
+    # ---- sentences (NMEA 0183 4.10 layouts) ------------------------------------------------------
+    # RMC, GGA and GNS are read by pynmea2's sentence classes, built from the fields split here rather
+    # than by pynmea2.parse: parse would check the checksum again (7.5 us a sentence here; the whole
+    # decoder took 6 us a sentence before the port) and reads Quectel's PQGSV as a proprietary "PQGS"
+    # sentence. The others are read by position from pynmea2's field tables with its converters:
+    # building its objects for them was a third of the decoder's time at 10 Hz (BENCHMARKS.md).
 
-    def _rmc(self, talker: str, s: pynmea2.RMC, out: list) -> None:
+    def _rmc(self, address: bytes, body: bytes, out: list) -> None:
+        s = _pynmea2(pynmea2.RMC, body)
         tod = _time_of_day_ms(s.timestamp)
         if tod is None:
             self.counters["unparsable"] += 1
             return
-        epoch = self._epoch_for((talker, "RMC"), tod, out)
+        epoch = self._epoch_for(address, tod, out)
         status = s.status or None
         epoch.status = status
         if s.mode_indicator:
@@ -422,7 +494,7 @@ class NmeaDecoder:
             date_ord = _rmc_date(s.data[_RMC_DATE]) if len(s.data) > _RMC_DATE else None
             if date_ord is not None:
                 self._set_date(epoch, date_ord)
-        epoch.set_position(_position(s, _RANK_RMC))
+        epoch.set_position(_position(s.lat, s.lat_dir, s.lon, s.lon_dir, _RANK_RMC))
         speed = _number(s.spd_over_grnd)
         if speed is not None:
             epoch.speed_mps = speed * KNOTS_TO_MPS
@@ -430,14 +502,15 @@ class NmeaDecoder:
         if course is not None:
             epoch.course_deg = course
 
-    def _gga(self, talker: str, s: pynmea2.GGA, out: list) -> None:
+    def _gga(self, address: bytes, body: bytes, out: list) -> None:
+        s = _pynmea2(pynmea2.GGA, body)
         tod = _time_of_day_ms(s.timestamp)
         if tod is None:
             self.counters["unparsable"] += 1
             return
-        epoch = self._epoch_for((talker, "GGA"), tod, out)
+        epoch = self._epoch_for(address, tod, out)
         epoch.quality = _count(s.gps_qual)
-        epoch.set_position(_position(s, _RANK_GGA))
+        epoch.set_position(_position(s.lat, s.lat_dir, s.lon, s.lon_dir, _RANK_GGA))
         epoch.sats_used = _count(s.num_sats)
         hdop = _number(s.horizontal_dil)
         if hdop is not None and hdop < 99.0:  # 99.99 means "unknown" on several receivers
@@ -445,12 +518,13 @@ class NmeaDecoder:
         epoch.alt_m = _number(s.altitude)
         epoch.geoid_sep_m = _number(s.geo_sep)
 
-    def _gns(self, talker: str, s: pynmea2.GNS, out: list) -> None:
+    def _gns(self, address: bytes, body: bytes, out: list) -> None:
+        s = _pynmea2(pynmea2.GNS, body)
         tod = _time_of_day_ms(s.timestamp)
         if tod is None:
             self.counters["unparsable"] += 1
             return
-        epoch = self._epoch_for((talker, "GNS"), tod, out)
+        epoch = self._epoch_for(address, tod, out)
         modes = s.mode_indicator
         if modes:
             # One letter per constellation (GPS, GLONASS, Galileo, BeiDou, ...): the fix is as good
@@ -458,7 +532,7 @@ class NmeaDecoder:
             epoch.faa_mode = next((mode for mode in modes if mode != "N"), "N")
             if epoch.quality is None:
                 epoch.quality = _FAA_QUALITY.get(epoch.faa_mode)
-        epoch.set_position(_position(s, _RANK_GNS))
+        epoch.set_position(_position(s.lat, s.lat_dir, s.lon, s.lon_dir, _RANK_GNS))
         if epoch.sats_used is None:
             epoch.sats_used = _count(s.num_sats)
         if epoch.hdop is None:
@@ -468,28 +542,34 @@ class NmeaDecoder:
         if epoch.geoid_sep_m is None:
             epoch.geoid_sep_m = _number(s.geo_sep)
 
-    def _gll(self, talker: str, s: pynmea2.GLL, out: list) -> None:
-        epoch = self._epoch_for((talker, "GLL"), _time_of_day_ms(s.timestamp), out)
-        status = s.status or None
+    def _gll(self, address: bytes, body: bytes, out: list) -> None:
+        f = body.decode("ascii").split(",")
+        epoch = self._epoch_for(address, _field_time_of_day_ms(f, _GLL["timestamp"]), out)
+        status = _field(f, _GLL["status"]) or None
         if epoch.status is None:
             epoch.status = status
-        if s.faa_mode and epoch.faa_mode is None:
-            epoch.faa_mode = s.faa_mode[0]
+        faa_mode = _field(f, _GLL["faa_mode"])
+        if faa_mode and epoch.faa_mode is None:
+            epoch.faa_mode = faa_mode[0]
         if status == "A":
-            epoch.set_position(_position(s, _RANK_GLL))
+            epoch.set_position(_position(
+                _field(f, _GLL["lat"]), _field(f, _GLL["lat_dir"]), _field(f, _GLL["lon"]),
+                _field(f, _GLL["lon_dir"]), _RANK_GLL,
+            ))
 
-    def _gsa(self, talker: str, s: pynmea2.GSA, out: list) -> None:
-        epoch = self._epoch_for((talker, "GSA"), None, out)
-        mode = _count(s.mode_fix_type)
+    def _gsa(self, address: bytes, body: bytes, out: list) -> None:
+        f = body.decode("ascii").split(",")
+        epoch = self._epoch_for(address, None, out)
+        mode = _count(_field(f, _GSA["mode_fix_type"]))
         if mode in (1, 2, 3):
             epoch.mode = mode if epoch.mode is None else max(epoch.mode, mode)
-        # The satellite ids by pynmea2's field positions (twelve attribute reads cost 10 us), and the
-        # NMEA 4.10 system id that follows pynmea2's fields: PRNs repeat across constellations.
-        system = s.data[_GSA_SYSTEM_ID] if len(s.data) > _GSA_SYSTEM_ID else ""
-        for sv in s.data[_GSA_SV_IDS]:
+        # The NMEA 4.10 system id follows pynmea2's fields: PRNs repeat across constellations.
+        system = _field(f, _GSA_SYSTEM_ID)
+        for sv in f[_GSA_SV_IDS]:
             if sv:
-                epoch.gsa_sats.add((talker + system, sv))
-        pdop, hdop, vdop = _number(s.pdop), _number(s.hdop), _number(s.vdop)
+                epoch.gsa_sats.add((f[0][:2] + system, sv))
+        # pynmea2 has no converter for the DOPs: its attributes are the text.
+        pdop, hdop, vdop = (_number(_field(f, _GSA[name])) for name in ("pdop", "hdop", "vdop"))
         if pdop is not None:
             epoch.pdop = pdop
         if hdop is not None and epoch.hdop is None:
@@ -497,44 +577,51 @@ class NmeaDecoder:
         if vdop is not None:
             epoch.vdop = vdop
 
-    def _gsv(self, talker: str, f: list[str], out: list) -> None:
-        # GSV,total,number,in_view,... read here, not by pynmea2: it is 12 of a multi-constellation
-        # receiver's 23 sentences an epoch and only the in-view count is used; building pynmea2's
-        # GSV for it cost 6.1 us a sentence against 3.5 (bench/bench_nmea.py's capture): 32 us an epoch.
-        # NMEA 4.10 receivers send one group per signal (L1, L5, ...) with the same satellites: the
-        # largest count per talker.
-        epoch = self._epoch_for((talker, "GSV"), None, out)
-        count = _count(f[3]) if len(f) > 3 else None
+    def _gsv(self, address: bytes, body: bytes, out: list) -> None:
+        # GSV,total,number,in_view,...: only the in-view count is used (12 of a multi-constellation
+        # receiver's 23 sentences an epoch), so only the fields up to it are split off. NMEA 4.10
+        # receivers send one group per signal (L1, L5, ...) with the same satellites: the largest
+        # count per talker.
+        epoch = self._epoch_for(address, None, out)
+        f = body.split(b",", 4)
+        count = _count(f[3].decode("ascii")) if len(f) > 3 else None
+        talker = address[:2]
         if count is not None and count > epoch.in_view.get(talker, -1):
             epoch.in_view[talker] = count
 
-    def _vtg(self, talker: str, s: pynmea2.VTG, out: list) -> None:
-        epoch = self._epoch_for((talker, "VTG"), None, out)
-        if s.faa_mode and epoch.faa_mode is None:
-            epoch.faa_mode = s.faa_mode[0]
+    def _vtg(self, address: bytes, body: bytes, out: list) -> None:
+        f = body.decode("ascii").split(",")
+        # _number(text) is _number of what pynmea2's float or Decimal converter returns: the
+        # converted value when it reads the text, else the text, which float() cannot read either.
+        epoch = self._epoch_for(address, None, out)
+        faa_mode = _field(f, _VTG["faa_mode"])
+        if faa_mode and epoch.faa_mode is None:
+            epoch.faa_mode = faa_mode[0]
         if epoch.course_deg is None:
-            epoch.course_deg = _number(s.true_track)
+            epoch.course_deg = _number(_field(f, _VTG["true_track"]))
         if epoch.speed_mps is None:
-            knots = _number(s.spd_over_grnd_kts)
+            knots = _number(_field(f, _VTG["spd_over_grnd_kts"]))
             if knots is not None:
                 epoch.speed_mps = knots * KNOTS_TO_MPS
             else:
-                kmh = _number(s.spd_over_grnd_kmph)
+                kmh = _number(_field(f, _VTG["spd_over_grnd_kmph"]))
                 epoch.speed_mps = None if kmh is None else kmh * KMH_TO_MPS
 
-    def _gst(self, talker: str, s: pynmea2.GST, out: list) -> None:
+    def _gst(self, address: bytes, body: bytes, out: list) -> None:
+        f = body.decode("ascii").split(",")
         # 1-sigma errors in metres
-        epoch = self._epoch_for((talker, "GST"), _time_of_day_ms(s.timestamp), out)
-        epoch.lat_err_m = _number(s.std_dev_latitude)
-        epoch.lon_err_m = _number(s.std_dev_longitude)
-        epoch.alt_err_m = _number(s.std_dev_altitude)
+        epoch = self._epoch_for(address, _field_time_of_day_ms(f, _GST["timestamp"]), out)
+        epoch.lat_err_m = _number(_field(f, _GST["std_dev_latitude"]))
+        epoch.lon_err_m = _number(_field(f, _GST["std_dev_longitude"]))
+        epoch.alt_err_m = _number(_field(f, _GST["std_dev_altitude"]))
 
-    def _zda(self, talker: str, s: pynmea2.ZDA, out: list) -> None:
-        tod = _time_of_day_ms(s.timestamp)
-        day, month, year = s.day, s.month, s.year
+    def _zda(self, address: bytes, body: bytes, out: list) -> None:
+        f = body.decode("ascii").split(",")
+        tod = _field_time_of_day_ms(f, _ZDA["timestamp"])
+        day, month, year = (_converted(int, _field(f, _ZDA[name])) for name in ("day", "month", "year"))
         if tod is None or day is None or month is None or year is None:
             return  # receivers without lock send ZDA with empty fields
-        epoch = self._epoch_for((talker, "ZDA"), tod, out)
+        epoch = self._epoch_for(address, tod, out)
         day, month, year = _count(day), _count(month), _count(year)
         if day is not None and month is not None and year is not None and 1980 <= year <= 2200:
             date_ord = _date_ordinal(day, month, year)
