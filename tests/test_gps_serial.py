@@ -12,7 +12,7 @@ import time
 import pytest
 
 from agent.config import GpsConfig
-from agent.decode.nmea import checksum
+from agent.decode.nmea import NmeaDecoder, checksum
 from agent.record import Event, Fix, Record, Status, iso_utc
 from agent.sources.gps_health import GpsHealth
 from agent.sources.gps_serial import GpsSerialSource
@@ -184,6 +184,31 @@ def test_a_10hz_receiver_at_a_baud_rate_that_carries_it(pty_gps, link, running):
     assert [round((b.utc - a.utc) * 1000) for a, b in zip(fixes, fixes[1:])] == [100] * 19
     # Fixes arrive as the receiver sends them, not in a burst at the end.
     assert fixes[-1].mono - fixes[0].mono > 1.5
+
+
+def test_a_10hz_receiver_is_read_about_two_epochs_at_a_time_with_the_same_fixes(pty_gps, link, running):
+    # With the default epoch_timeout_s (0.25 s) a 10 Hz receiver's epochs end more often than that,
+    # so the source lets bytes gather after each read (COALESCE_S): fewer reads, the same fixes.
+    point(link, pty_gps)
+    run = running(config(link, baud=460800, epoch_timeout_s=0.25))
+    reads: list[bytes] = []
+    run.source.on_raw = reads.append
+    wait_until(lambda: run.source.stats["port_open"], message="port open")
+    began = time.monotonic()
+    for i in range(30):
+        pty_gps.write(epoch(i / 10))
+        time.sleep(max(0.0, began + (i + 1) * 0.1 - time.monotonic()))
+    fixes = wait_until(lambda: len(run.fixes()) == 30 and run.fixes(), message="30 fixes")
+    assert [round((b.utc - a.utc) * 1000) for a, b in zip(fixes, fixes[1:])] == [100] * 29
+    assert [f.data for f in fixes] == [f.data for f in decoded_whole(b"".join(reads))]
+    assert len(reads) <= 24  # one read per epoch without coalescing (30); about 15 with it
+    assert run.source.stats["decoder"]["sentences"] == 90
+
+
+def decoded_whole(data: bytes) -> list[Record]:
+    """What the decoder makes of ``data`` in one piece (no reads, no timing), as fix records."""
+    decoder = NmeaDecoder()
+    return [Record(utc=utc, mono=0.0, data=fix) for utc, fix in decoder.feed(data) + decoder.flush()]
 
 
 def test_a_receiver_without_checksums(pty_gps, link, running):

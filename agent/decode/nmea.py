@@ -30,6 +30,7 @@ bytes complete. It copes with what real receivers send (see docs/gps.md):
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import re
 from pathlib import Path
@@ -167,7 +168,12 @@ _HEMISPHERE_SIGN = {"N": 1.0, "S": -1.0, "E": 1.0, "W": -1.0}
 
 def _field_time_of_day_ms(fields: list[str], index: int) -> int | None:
     """A ``hhmmss[.sss]`` field read by pynmea2's ``timestamp`` converter -> milliseconds since midnight."""
-    return _time_of_day_ms(_converted(timestamp, _field(fields, index)))
+    return _text_time_of_day_ms(_field(fields, index))
+
+
+@functools.lru_cache(maxsize=8)  # the sentences of an epoch repeat its time: read it once
+def _text_time_of_day_ms(text: str) -> int | None:
+    return _time_of_day_ms(_converted(timestamp, text))
 
 
 def _angle(text: str, hemi: str, hemispheres: tuple[str, str], max_degrees: int) -> float | None:
@@ -194,15 +200,22 @@ def _position(
 ) -> tuple[float, float, int] | None:
     """A sentence's latitude and longitude fields, with a rank: more digits rank higher, then the
     sentence's own ``rank``."""
+    position = _lat_lon(text, lat_dir, lon_text, lon_dir)
+    return None if position is None else (position[0], position[1], position[2] * 8 + rank)
+
+
+@functools.lru_cache(maxsize=8)  # RMC, GGA and GLL of an epoch mostly repeat the same text: read it once
+def _lat_lon(text: str, lat_dir: str, lon_text: str, lon_dir: str) -> tuple[float, float, int] | None:
+    """Latitude and longitude fields -> (lat, lon, decimals of the latitude's minutes), or None."""
     lat = _angle(text, lat_dir, ("N", "S"), 90)
     lon = _angle(lon_text, lon_dir, ("E", "W"), 180)
     if lat is None or lon is None:
         return None
     dot = text.find(".")
-    digits = len(text) - dot - 1 if dot >= 0 else 0
-    return lat, lon, digits * 8 + rank
+    return lat, lon, len(text) - dot - 1 if dot >= 0 else 0
 
 
+@functools.lru_cache(maxsize=4)  # the same every epoch but at midnight
 def _rmc_date(text: str) -> int | None:
     """RMC's ``ddmmyy`` -> a date ordinal; the two-digit year is 2000-2079, else 1980-1999 (gpsd's
     window: GPS time began in 1980).
@@ -217,6 +230,7 @@ def _rmc_date(text: str) -> int | None:
     return _date_ordinal(int(text[0:2]), int(text[2:4]), 2000 + yy if yy < 80 else 1900 + yy)
 
 
+@functools.lru_cache(maxsize=4)
 def _date_ordinal(day: int, month: int, year: int) -> int | None:
     try:
         return _dt.date(year, month, day).toordinal()

@@ -4,7 +4,10 @@ The port is opened in :meth:`GpsSerialSource.run`, never in the constructor. Whe
 disappears (a USB receiver unplugged, /dev/ttyUSB0 gone) the source logs one line, counts it, and
 tries again every ``gps.reopen_interval_s`` until it is back; it logs once more when it is. A line
 that goes quiet for ``gps.epoch_timeout_s`` completes the epoch being assembled, so a receiver that
-sends only part of what the decoder could wait for still yields one fix per epoch.
+sends only part of what the decoder could wait for still yields one fix per epoch. While epochs end
+more often than that (a 10 Hz receiver), reads are coalesced: after each read the thread sleeps
+:data:`COALESCE_S` (at most 0.8 x ``epoch_timeout_s``) so that one wake-up reads about two epochs;
+fixes are emitted up to that much later.
 
 Besides fixes it emits ``Event`` records for the backend (``gps_lost``, ``gps_regained``,
 ``gps_silent``) and ``Status`` records about the host clock (``clock_offset``, ``clock_ok``): see
@@ -19,6 +22,7 @@ import logging
 import os
 import select
 import threading
+import time
 from typing import Callable
 
 from agent.clock import Clock
@@ -35,8 +39,15 @@ def floor_utc(day: _dt.date) -> float:
     return _dt.datetime(day.year, day.month, day.day, tzinfo=_dt.timezone.utc).timestamp()
 
 
-# How long a quiet line is waited on between checks for stop and silence.
-IDLE_WAIT_S = 0.5
+# How long a quiet line is waited on between checks for stop and silence (ms: poll's unit).
+IDLE_WAIT_MS = 500
+# Read coalescing: while a receiver's epochs end more often than gps.epoch_timeout_s (10 Hz), the
+# thread lets bytes gather this long after each read, so that one wake-up reads two epochs instead
+# of one (each wake-up of the thread costs several times the same work done awake: BENCHMARKS.md).
+# A fix is then emitted up to this much later (at 10 Hz: every other fix 0.1 s later). At most
+# COALESCE_SHARE of epoch_timeout_s, so the quiet-line check that follows still has time to run.
+COALESCE_S = 0.2
+COALESCE_SHARE = 0.8
 # Baud-rate detection: the rates tried in turn (4800 is NMEA 0183's own; the others are what GPS
 # modules ship with or are set to), and how many bytes without one valid sentence mean a wrong rate
 # (an NMEA line is at most ~82 characters, so this is several lines' worth).
@@ -63,6 +74,8 @@ class GpsSerialSource:
         self._unproven = 0  # bytes read at the current rate, while no sentence has had a valid checksum
         self.output = GpsOutput(config, clock, self.stats, config.port)
         self._epochs_seen = 0
+        self._last_epoch_mono: float | None = None  # when the decoder last completed an epoch
+        self._fast = False  # the last two completions were less than epoch_timeout_s apart
         # Raw-tap hook: called with every chunk read from the port (the recorder, agent/ops/recorder.py).
         self.on_raw: Callable[[bytes], None] | None = None
 
@@ -109,18 +122,24 @@ class GpsSerialSource:
 
     def _read(self, port, emit: Emit, stop: threading.Event) -> None:
         fd = port.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        epoch_wait_ms = self.config.epoch_timeout_s * 1000
+        coalesce_s = min(COALESCE_S, COALESCE_SHARE * self.config.epoch_timeout_s)
+        self._fast = False
         quiet = False
+        wait_ms = epoch_wait_ms
         while not stop.is_set():
             # Wait for bytes: epoch_timeout_s while an epoch may be incomplete, then longer (the
             # thread still wakes for stop and silence checks) so an idle line costs few wake-ups.
-            ready, _, _ = select.select([fd], [], [], IDLE_WAIT_S if quiet else self.config.epoch_timeout_s)
+            ready = poller.poll(IDLE_WAIT_MS if quiet else wait_ms)
             # Everything waiting in one read, straight from the descriptor pyserial opened: its own
             # read() would select() again and ask for in_waiting first (measured: a third of the
             # source's CPU at 10 Hz). Readable with nothing to read is a vanished device.
             data = _read_ready(fd) if ready else b""
             if data:
                 quiet = False
-                self.stats["bytes"] = int(self.stats["bytes"]) + len(data)
+                self.stats["bytes"] += len(data)  # type: ignore[operator]
                 if self.on_raw is not None:
                     self.on_raw(data)
                 self.output.data()
@@ -129,8 +148,17 @@ class GpsSerialSource:
                 self._emit_all(self.decoder.feed(data), emit)
                 if not self._baud_found:
                     self._detect_baud(port, len(data))
-            elif not quiet:
+                wait_ms = epoch_wait_ms
+                if self._fast:
+                    # Such a receiver's line is never quiet for epoch_timeout_s between its epochs,
+                    # so gathering bytes cannot hide a quiet line from the wait that follows, which
+                    # still ends epoch_timeout_s after this read.
+                    time.sleep(coalesce_s)
+                    wait_ms = epoch_wait_ms - coalesce_s * 1000
+                continue  # bytes just came: the silence check (output.tick) has nothing to find
+            if not quiet:
                 quiet = True  # a quiet line ends the epoch being assembled
+                self._fast = False
                 self._emit_all(self.decoder.flush(), emit)
             self.output.tick(emit)
 
@@ -154,6 +182,10 @@ class GpsSerialSource:
 
     def _emit_all(self, fixes: list[tuple[float, Fix]], emit: Emit) -> None:
         epochs = self.decoder.counters["epochs"]
+        if epochs != self._epochs_seen:
+            now, last = self.clock.monotonic(), self._last_epoch_mono
+            self._fast = last is not None and now - last < self.config.epoch_timeout_s
+            self._last_epoch_mono = now
         # Epochs that ended without a usable fix (no position, no date) count towards "lost".
         empty = epochs - self._epochs_seen - len(fixes)
         self._epochs_seen = epochs
