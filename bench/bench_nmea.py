@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_nmea.py            # decoder only: 5 runs; medians as one JSON line
     .venv/bin/python bench/bench_nmea.py live 20    # GpsSerialSource on a pty at 10 Hz for 20 s
+    .venv/bin/python bench/bench_nmea.py idle 150   # the decoder fed one epoch every 100 ms, 150 times
 
 The input is a real multi-constellation receiver (u-blox NEO-M9N: RMC VTG GGA GSA x4 GSV x12 GLL GST
 GBS ZDA, about 24 sentences per epoch) from ../shared/corpus/nmea, repeated to about 60,000
@@ -14,7 +15,8 @@ Target: under 0.5% of one core.
 pty at 10 Hz (at 460800 baud a 10 Hz M9N with every sentence enabled needs ~14 kB/s: 115200 baud
 carries only 11.5 kB/s), GpsSerialSource reads it with pyserial on its own thread, and the source
 thread's own CPU time (its CLOCK_THREAD_CPUTIME_ID, from the port being open to the end) is
-divided by the wall time.
+divided by the wall time. ``reads`` is how many reads brought bytes: the pty hands each epoch's
+write over in one piece, so one read per epoch unless the source coalesces (gps_serial.COALESCE_S).
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def live(seconds: float) -> dict:
     source = GpsSerialSource(config, SystemClock())
     stop = threading.Event()
     records: list = []
+    reads: list[bytes] = []
+    source.on_raw = reads.append  # counts the thread's reads (wake-ups with bytes)
     reader = threading.Thread(target=source.run, args=(records.append, stop))
     reader.start()
     while not source.stats["port_open"]:
@@ -104,8 +108,27 @@ def live(seconds: float) -> dict:
     os.close(slave)
     return {
         "mode": "live", "seconds": round(wall, 1), "epochs_sent": sent, "records": len(records),
+        "reads": len(reads),
         "source_thread_cpu_s": round(cpu, 3), "core_percent_at_10hz": round(100 * cpu / wall, 3),
         "baud": config.baud,
+    }
+
+
+def idle(count: int) -> dict:
+    """The decoder fed one epoch after sleeping 100 ms, as the source's thread runs it at 10 Hz
+    (without coalescing): each feed starts with the caches of a thread that was asleep."""
+    decoder = NmeaDecoder()
+    groups = epochs()
+    costs = []
+    for i in range(count):
+        time.sleep(0.1)
+        began = time.thread_time_ns()
+        decoder.feed(groups[i % len(groups)])
+        costs.append(time.thread_time_ns() - began)
+    quartiles = statistics.quantiles(costs, n=4)
+    return {
+        "mode": "idle", "epochs": count, "us_per_epoch_median": round(statistics.median(costs) / 1000, 1),
+        "us_per_epoch_iqr": [round(quartiles[0] / 1000), round(quartiles[2] / 1000)],
     }
 
 
@@ -115,6 +138,9 @@ def main() -> int:
         return 2
     if sys.argv[1:2] == ["live"]:
         print(json.dumps(live(float(sys.argv[2]) if len(sys.argv) > 2 else 20.0)))
+        return 0
+    if sys.argv[1:2] == ["idle"]:
+        print(json.dumps(idle(int(sys.argv[2]) if len(sys.argv) > 2 else 150)))
         return 0
     data = stream()
     results = [run_once(data) for _ in range(RUNS)]
