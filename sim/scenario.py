@@ -170,11 +170,6 @@ def load_scenario(path: str | Path) -> tuple[Scenario, Path]:
         raise ScenarioError(f"{path}: expect.truth needs inputs.truth")
     if scenario.speed <= 0:
         raise ScenarioError(f"{path}: speed must be positive")
-    if scenario.inputs.can and any(f.kind == "clock_step" for f in scenario.faults):
-        # libfaketime 0.9.10 (Debian 12) makes clock_nanosleep fail with EINVAL when the monotonic
-        # clock is not faked, so every time.sleep in the agent (the slcan reader's) would raise.
-        raise ScenarioError(f"{path}: clock_step cannot be combined with inputs.can (libfaketime breaks "
-                            "time.sleep in the agent's CAN reader)")
     return scenario, base
 
 

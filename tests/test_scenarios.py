@@ -68,8 +68,6 @@ def test_a_broken_expectation_fails_with_a_readable_difference(tmp_path):
     (f"name: x\ninputs: {{nmea: {DRIVE}}}\nfaults: [{{at: 1, kind: meteor}}]\n", "meteor"),
     (f"name: x\ninputs: {{nmea: {DRIVE}}}\nexpect: {{typo: 1}}\n", "unknown field `typo`"),
     (f"name: x\ninputs: {{nmea: {DRIVE}}}\nfaults: [{{at: 900, kind: agent_kill}}]\n", "outside the drive played"),
-    (f"name: x\ninputs: {{nmea: {DRIVE}, can: {DRIVE.with_suffix('.candump.log')}}}\n"
-     "faults: [{at: 9, kind: clock_step, step_s: 60}]\n", "clock_step cannot be combined with inputs.can"),
 ])
 def test_a_bad_scenario_is_one_line_and_exit_2(tmp_path, text, problem):
     path = tmp_path / "bad.yaml"

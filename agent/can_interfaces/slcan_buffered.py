@@ -79,7 +79,7 @@ class BufferedSlcanBus(can.BusABC):
             self._fd = None
         try:
             if sleep_after_open:
-                time.sleep(sleep_after_open)
+                _pause(sleep_after_open)
             # Close first: an adapter left open by a previous run refuses Sn while open.
             self._write("C")
             if bitrate is not None:
@@ -116,9 +116,9 @@ class BufferedSlcanBus(can.BusABC):
                 earliest = self._last_read + self.read_interval_s
                 if earliest > now:
                     if deadline is not None and deadline < earliest:
-                        time.sleep(max(0.0, deadline - now))  # no read allowed before the deadline
+                        _pause(max(0.0, deadline - now))  # no read allowed before the deadline
                         return
-                    time.sleep(earliest - now)
+                    _pause(earliest - now)
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 ready, _, _ = select.select([self._fd], [], [], remaining)
                 if not ready:
@@ -217,3 +217,10 @@ def format_frame(msg: can.Message) -> str:
         return f"R{msg.arbitration_id:08X}{msg.dlc}" if msg.is_extended_id else f"r{msg.arbitration_id:03X}{msg.dlc}"
     head = f"T{msg.arbitration_id:08X}" if msg.is_extended_id else f"t{msg.arbitration_id:03X}"
     return f"{head}{len(msg.data)}{bytes(msg.data).hex().upper()}"
+
+
+def _pause(seconds: float) -> None:
+    """Sleep by select()'s timeout rather than time.sleep: libfaketime 0.9.10 (Debian 12, the
+    scenario runner's clock steps) makes clock_nanosleep, and so time.sleep, fail with EINVAL when
+    only the wall clock is faked."""
+    select.select([], [], [], seconds)

@@ -22,7 +22,6 @@ import logging
 import os
 import select
 import threading
-import time
 from typing import Callable
 
 from agent.clock import Clock
@@ -153,7 +152,10 @@ class GpsSerialSource:
                     # Such a receiver's line is never quiet for epoch_timeout_s between its epochs,
                     # so gathering bytes cannot hide a quiet line from the wait that follows, which
                     # still ends epoch_timeout_s after this read.
-                    time.sleep(coalesce_s)
+                    # stop.wait, not time.sleep: it ends at a stop, and libfaketime (the clock-step
+                    # scenario) makes time.sleep fail with EINVAL, which would read as a lost port.
+                    if stop.wait(coalesce_s):
+                        break
                     wait_ms = epoch_wait_ms - coalesce_s * 1000
                 continue  # bytes just came: the silence check (output.tick) has nothing to find
             if not quiet:
