@@ -337,7 +337,8 @@ class Agent:
         while time.monotonic() < deadline:
             if self.buffer.stats().get("depth", 0) == 0:
                 return True
-            time.sleep(0.1)
+            if self._ops_stop.wait(0.1):  # the agent is stopping: its own stop order flushes
+                return False
         return False
 
     def _spawn(self, name: str, target: Callable, *args) -> None:
