@@ -14,7 +14,7 @@ from pathlib import Path
 
 from agent.cli_base import CommandError
 from agent.ops.logging import setup_logging
-from collector.config import CollectorConfigError, load_collector_config
+from collector.commands.broker_options import add_broker_arguments, broker_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--device", action="append", help="publish: for this device (repeatable)")
     target.add_argument("--all", action="store_true", help="publish: for every device without a set of its own")
-    parser.add_argument("--config", "-c", default=None, help="the collector's YAML config (its mqtt section is used)")
-    parser.add_argument("--host", help="broker host (default from the config, 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="broker port (default from the config, 1883)")
-    parser.add_argument("--topic-prefix", help="topic prefix (default telematics)")
+    add_broker_arguments(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -44,15 +41,12 @@ def _set_to_publish(args: argparse.Namespace) -> bytes:
 def run(args: argparse.Namespace) -> int:
     from collector.fences import FencePublisher
 
-    try:
-        mqtt_cfg = load_collector_config(args.config).mqtt
-    except CollectorConfigError as exc:
-        raise CommandError(str(exc)) from exc
+    mqtt_cfg = broker_settings(args)
     data = _set_to_publish(args) if args.action == "publish" else None
     setup_logging(args.log_level)
     try:
-        publisher = FencePublisher(args.host or mqtt_cfg.host, args.port or mqtt_cfg.port,
-                                   args.topic_prefix or mqtt_cfg.topic_prefix, args.dir, tls=mqtt_cfg.tls,
+        publisher = FencePublisher(mqtt_cfg.host, mqtt_cfg.port,
+                                   mqtt_cfg.topic_prefix, args.dir, tls=mqtt_cfg.tls,
                                    username=mqtt_cfg.username, password=mqtt_cfg.password)
         if data is not None:
             manifest = publisher.assign(data, args.set_version, None if args.all else args.device)

@@ -13,25 +13,19 @@ from pathlib import Path
 
 from agent.cli_base import CommandError
 from agent.ops.logging import setup_logging
-from collector.config import CollectorConfigError, load_collector_config
+from collector.commands.broker_options import add_broker_arguments, broker_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", required=True, help="directory of release archives")
-    parser.add_argument("--config", "-c", default=None, help="the collector's YAML config (its mqtt section is used)")
-    parser.add_argument("--host", help="broker host (default from the config, 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="broker port (default from the config, 1883)")
-    parser.add_argument("--topic-prefix", help="topic prefix (default telematics)")
+    add_broker_arguments(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def run(args: argparse.Namespace) -> int:
     from collector.ota_chunks import ChunkServer
 
-    try:
-        mqtt_cfg = load_collector_config(args.config).mqtt
-    except CollectorConfigError as exc:
-        raise CommandError(str(exc)) from exc
+    mqtt_cfg = broker_settings(args)
     if not Path(args.dir).is_dir():
         raise CommandError(f"no directory {args.dir}")
     setup_logging(args.log_level)
@@ -39,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        server = ChunkServer(args.host or mqtt_cfg.host, args.port or mqtt_cfg.port,
-                             args.topic_prefix or mqtt_cfg.topic_prefix, args.dir, tls=mqtt_cfg.tls).start()
+        server = ChunkServer(mqtt_cfg.host, mqtt_cfg.port,
+                             mqtt_cfg.topic_prefix, args.dir, tls=mqtt_cfg.tls).start()
     except OSError as exc:
         raise CommandError(f"cannot reach the broker: {exc.strerror or exc}") from exc
     try:

@@ -16,14 +16,11 @@ import threading
 
 from agent.cli_base import CommandError
 from agent.ops.logging import setup_logging
-from collector.config import CollectorConfigError, load_collector_config
+from collector.commands.broker_options import add_broker_arguments, broker_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", default=None, help="the collector's YAML config (its mqtt section is used)")
-    parser.add_argument("--host", help="broker host (default from the config, 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="broker port (default from the config, 1883)")
-    parser.add_argument("--topic-prefix", help="topic prefix (default telematics)")
+    add_broker_arguments(parser)
     parser.add_argument("--ca-cert", help="the CA certificate (PEM) that signs device certificates")
     parser.add_argument("--ca-key", help="its private key (PEM, unencrypted; keep it mode 0600)")
     parser.add_argument("--days", type=float, default=90.0, help="lifetime of the certificates signed (default 90)")
@@ -34,10 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from collector.signing import CommandCa, LocalCa, SigningService
 
-    try:
-        mqtt_cfg = load_collector_config(args.config).mqtt
-    except CollectorConfigError as exc:
-        raise CommandError(str(exc)) from exc
+    mqtt_cfg = broker_settings(args)
     if bool(args.ca_command) == bool(args.ca_cert or args.ca_key):
         raise CommandError("give either --ca-cert and --ca-key, or --command")
     if args.ca_command:
@@ -53,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    service = SigningService(args.host or mqtt_cfg.host, args.port or mqtt_cfg.port,
-                             args.topic_prefix or mqtt_cfg.topic_prefix, signer, tls=mqtt_cfg.tls)
+    service = SigningService(mqtt_cfg.host, mqtt_cfg.port,
+                             mqtt_cfg.topic_prefix, signer, tls=mqtt_cfg.tls)
     service.start()
     try:
         stop.wait()
