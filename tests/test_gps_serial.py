@@ -171,15 +171,20 @@ def test_a_missing_port_is_one_log_line_and_the_source_keeps_trying(link, runnin
         gps.close()
 
 
+def send_at_10hz(pty_gps, epochs: int) -> None:
+    """Write ``epochs`` epochs into the pty, one every 0.1 s as a 10 Hz receiver sends them."""
+    began = time.monotonic()
+    for i in range(epochs):
+        pty_gps.write(epoch(i / 10))
+        time.sleep(max(0.0, began + (i + 1) * 0.1 - time.monotonic()))
+
+
 def test_a_10hz_receiver_at_a_baud_rate_that_carries_it(pty_gps, link, running):
     # 10 epochs/s x 3 sentences x ~70 bytes = 2,100 bytes/s: 38400 baud carries 3,840 bytes/s.
     point(link, pty_gps)
     run = running(config(link, baud=38400, epoch_timeout_s=0.05))
     wait_until(lambda: run.source.stats["port_open"], message="port open")
-    began = time.monotonic()
-    for i in range(20):
-        pty_gps.write(epoch(i / 10))
-        time.sleep(max(0.0, began + (i + 1) * 0.1 - time.monotonic()))
+    send_at_10hz(pty_gps, 20)
     fixes = wait_until(lambda: len(run.fixes()) == 20 and run.fixes(), message="20 fixes")
     assert [round((b.utc - a.utc) * 1000) for a, b in zip(fixes, fixes[1:])] == [100] * 19
     # Fixes arrive as the receiver sends them, not in a burst at the end.
@@ -194,10 +199,7 @@ def test_a_10hz_receiver_is_read_about_two_epochs_at_a_time_with_the_same_fixes(
     reads: list[bytes] = []
     run.source.on_raw = reads.append
     wait_until(lambda: run.source.stats["port_open"], message="port open")
-    began = time.monotonic()
-    for i in range(30):
-        pty_gps.write(epoch(i / 10))
-        time.sleep(max(0.0, began + (i + 1) * 0.1 - time.monotonic()))
+    send_at_10hz(pty_gps, 30)
     fixes = wait_until(lambda: len(run.fixes()) == 30 and run.fixes(), message="30 fixes")
     assert [round((b.utc - a.utc) * 1000) for a, b in zip(fixes, fixes[1:])] == [100] * 29
     assert [f.data for f in fixes] == [f.data for f in decoded_whole(b"".join(reads))]
